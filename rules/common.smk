@@ -1,0 +1,74 @@
+import json
+import sys
+from pathlib import Path
+
+from snakemake.settings.types import DeploymentMethod
+from snakemake.utils import validate
+
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from ropelens import config as rlconfig  # noqa: E402
+from ropelens.errors import ConfigError  # noqa: E402
+
+# --- configuration: one line naming the key and the fix, before any job starts ------------------
+try:
+    config = rlconfig.prepare(config)
+except ConfigError as e:
+    sys.exit(f"ropelens: config error: {e}")
+validate(config, str(rlconfig.SCHEMA_PATH))
+
+# --- the CLI every rule calls ------------------------------------------------------------------
+_SRC = Path(workflow.basedir) / "src"
+_PYTHON = (
+    "python"
+    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+    else sys.executable
+)
+RL = f"PYTHONPATH={_SRC}${{PYTHONPATH:+:$PYTHONPATH}} {_PYTHON} -m ropelens"
+ENV = "../envs/ropelens.yaml"
+
+NAME = r"[A-Za-z0-9][A-Za-z0-9_.+-]*"
+
+
+wildcard_constraints:
+    model=NAME,
+    method=NAME,
+    corpus=NAME,
+    length=r"\d+",
+
+
+PAIRS = rlconfig.model_method_pairs(config)
+LENGTHS = config["lengths"]
+
+
+def q(obj):
+    """A JSON parameter (pass it to the shell with {params.x:q})."""
+    return json.dumps(obj, sort_keys=True)
+
+
+def cell_spec(wildcards):
+    return q(rlconfig.cell_spec(config, wildcards.model, wildcards.method))
+
+
+def model_inputs(wildcards):
+    """Model directories the workflow builds itself and that this cell loads."""
+    out = []
+    base = rlconfig.model_dir(config, wildcards.model)
+    if base:
+        out.append(base)
+    return out
+
+
+def tokenizer_source(model):
+    m = config["models"][model]
+    built = rlconfig.model_dir(config, model)
+    if built:
+        return {"path": built}
+    return {k: m[k] for k in ("path", "hub", "revision") if k in m}
+
+
+def ppl_cells():
+    return [
+        f"results/ppl/model={m}/method={meth}/length={length}.parquet"
+        for m, meth in PAIRS
+        for length in LENGTHS
+    ]

@@ -1,0 +1,30 @@
+# Corpora are materialised once, then tokenised once per model's tokenizer.
+
+
+rule corpus:
+    output:
+        "results/data/corpora/{corpus}.parquet",
+    params:
+        spec=lambda wc: q(config["corpora"][wc.corpus]),
+    log:
+        "logs/data/corpus/{corpus}.log",
+    conda:
+        ENV
+    shell:
+        "{RL} corpus --spec {params.spec:q} --out {output} 2> {log}"
+
+
+rule tokenize:
+    input:
+        corpus="results/data/corpora/{corpus}.parquet",
+        model=model_inputs,
+    output:
+        "results/data/tokens/{corpus}/model={model}.parquet",
+    params:
+        source=lambda wc: q(tokenizer_source(wc.model)),
+    log:
+        "logs/data/tokens/{corpus}/{model}.log",
+    conda:
+        ENV
+    shell:
+        "{RL} tokenize --corpus {input.corpus} --source {params.source:q} --out {output} 2> {log}"

@@ -1,0 +1,16 @@
+# Models the workflow builds itself. A tiny random-init LLaMA (smoke runs and tests).
+
+
+rule tiny_model:
+    output:
+        directory("resources/models/{model}"),
+    params:
+        spec=lambda wc: q(config["models"][wc.model]["tiny"]),
+        pretrained_length=lambda wc: config["models"][wc.model]["pretrained_length"],
+    log:
+        "logs/models/{model}.log",
+    conda:
+        ENV
+    shell:
+        "{RL} make-tiny --out {output} --pretrained-length {params.pretrained_length}"
+        " --spec {params.spec:q} 2> {log}"

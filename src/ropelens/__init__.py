@@ -1,0 +1,3 @@
+"""ropelens: RoPE context-extension methods, seen through attention."""
+
+__version__ = "0.1.0"

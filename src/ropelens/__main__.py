@@ -1,0 +1,3 @@
+from ropelens.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,144 @@
+"""Load a model with a RoPE method applied, and build tiny local models.
+
+A model is a plain Hugging Face checkpoint: a local directory or a hub id. The method is applied to
+the config before the weights load, so the model's native RoPE code runs. ``HF_HUB_OFFLINE=1`` is
+honoured (transformers reads it; we also pass ``local_files_only``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ropelens import methods
+from ropelens.errors import RopelensError
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device != "auto":
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RopelensError("runtime.device: cuda requested but no CUDA device is visible")
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def pick_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        if device == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def _source_args(source: dict) -> tuple[str, dict]:
+    name = source.get("path") or source["hub"]
+    kwargs = {"local_files_only": offline() or "path" in source}
+    if source.get("revision"):
+        kwargs["revision"] = source["revision"]
+    return name, kwargs
+
+
+@dataclass
+class Loaded:
+    model: object
+    tokenizer: object
+    device: str
+    dtype: object
+    rope_parameters: dict
+
+
+def load_config(spec: dict):
+    """The model config with the cell's method applied (no weights loaded)."""
+    from transformers import AutoConfig
+
+    name, kwargs = _source_args(spec["source"])
+    try:
+        config = AutoConfig.from_pretrained(name, **kwargs)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RopelensError(f"cannot load model config '{name}': {first}") from None
+    if spec.get("apply", True):
+        base = methods.base_rope(config, spec["pretrained_length"])
+        rope = methods.resolve(spec["registry"], spec["params"], base, where=f"methods.{spec['method']}")
+        methods.apply(config, rope)
+    return config
+
+
+def load(spec: dict, attn_implementation: str = "sdpa", device: str | None = None) -> Loaded:
+    """Load tokenizer + model for a cell spec (see ``ropelens.config.cell_spec``)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    runtime = spec.get("runtime", {})
+    device = pick_device(device or runtime.get("device", "auto"))
+    dtype = pick_dtype(runtime.get("dtype", "auto"), device)
+    config = load_config(spec)
+    name, kwargs = _source_args(spec["source"])
+    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        name, config=config, dtype=dtype, attn_implementation=attn_implementation, **kwargs
+    )
+    model.to(device).eval()
+    torch.set_grad_enabled(False)
+    return Loaded(model, tokenizer, device, dtype, dict(config.rope_parameters))
+
+
+def make_tiny(
+    out_dir: str | Path,
+    pretrained_length: int,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    intermediate_size: int | None = None,
+    rope_theta: float = 10000.0,
+    seed: int = 0,
+):
+    """Write a randomly initialised LLaMA + byte tokenizer as a normal HF directory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ropelens.tokenizer import build_byte_tokenizer
+
+    tok = build_byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        max_position_embeddings=pretrained_length,
+        rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta)},
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    _replace_dir(tmp, out)
+    return out
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    import shutil
+
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
