@@ -10,13 +10,24 @@ configfile: "config.yaml"
 
 
 include: "rules/common.smk"
+
+
+wildcard_constraints:
+    model=r"[A-Za-z0-9][A-Za-z0-9_.+-]*",
+    method=r"[A-Za-z0-9][A-Za-z0-9_.+-]*",
+    corpus=r"[A-Za-z0-9][A-Za-z0-9_.+-]*",
+    length=r"\d+",
+
+
 include: "rules/toy.smk"
 include: "rules/data.smk"
 include: "rules/ppl.smk"
 include: "rules/report.smk"
 
 
+# Cells are targets too: a deleted cell is recomputed (and the aggregates that read it).
 rule all:
-    input:
-        report_outputs(),
     default_target: True
+    input:
+        ppl_cells(),
+        report_outputs(),

@@ -16,25 +16,19 @@ except ConfigError as e:
     sys.exit(f"ropelens: config error: {e}")
 validate(config, str(rlconfig.SCHEMA_PATH))
 
-# --- the CLI every rule calls ------------------------------------------------------------------
-_SRC = Path(workflow.basedir) / "src"
-_PYTHON = (
-    "python"
-    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
-    else sys.executable
+# --- jobs call the ropelens CLI as `python -m ropelens` from this checkout (src/) ---------------
+# Jobs inherit the environment (cluster nodes re-read this file). Without conda, the interpreter
+# running Snakemake goes first on PATH, so an unactivated venv works too.
+rlconfig.export_job_environment(
+    Path(workflow.basedir) / "src",
+    (
+        None
+        if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+        else sys.executable
+    ),
 )
-RL = f"PYTHONPATH={_SRC}${{PYTHONPATH:+:$PYTHONPATH}} {_PYTHON} -m ropelens"
+RL = "python -m ropelens"
 ENV = "../envs/ropelens.yaml"
-
-NAME = r"[A-Za-z0-9][A-Za-z0-9_.+-]*"
-
-
-wildcard_constraints:
-    model=NAME,
-    method=NAME,
-    corpus=NAME,
-    length=r"\d+",
-
 
 PAIRS = rlconfig.model_method_pairs(config)
 LENGTHS = config["lengths"]
@@ -51,11 +45,10 @@ def cell_spec(wildcards):
 
 def model_inputs(wildcards):
     """Model directories the workflow builds itself and that this cell loads."""
-    out = []
+    if "method" in wildcards.keys():
+        return rlconfig.built_inputs(config, wildcards.model, wildcards.method)
     base = rlconfig.model_dir(config, wildcards.model)
-    if base:
-        out.append(base)
-    return out
+    return [base] if base else []
 
 
 def tokenizer_source(model):
@@ -72,3 +65,7 @@ def ppl_cells():
         for m, meth in PAIRS
         for length in LENGTHS
     ]
+
+
+def report_outputs():
+    return rules.ppl_table.output

@@ -4,14 +4,14 @@
 rule corpus:
     output:
         "results/data/corpora/{corpus}.parquet",
-    params:
-        spec=lambda wc: q(config["corpora"][wc.corpus]),
     log:
         "logs/data/corpus/{corpus}.log",
     conda:
-        ENV
+        "../envs/ropelens.yaml"
+    params:
+        spec=lambda wc: q(config["corpora"][wc.corpus]),
     shell:
-        "{RL} corpus --spec {params.spec:q} --out {output} 2> {log}"
+        "python -m ropelens corpus --spec {params.spec:q} --out {output} 2> {log}"
 
 
 rule tokenize:
@@ -20,11 +20,11 @@ rule tokenize:
         model=model_inputs,
     output:
         "results/data/tokens/{corpus}/model={model}.parquet",
-    params:
-        source=lambda wc: q(tokenizer_source(wc.model)),
     log:
         "logs/data/tokens/{corpus}/{model}.log",
     conda:
-        ENV
+        "../envs/ropelens.yaml"
+    params:
+        source=lambda wc: q(tokenizer_source(wc.model)),
     shell:
-        "{RL} tokenize --corpus {input.corpus} --source {params.source:q} --out {output} 2> {log}"
+        "python -m ropelens tokenize --corpus {input.corpus} --source {params.source:q} --out {output} 2> {log}"

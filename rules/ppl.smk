@@ -7,14 +7,14 @@ rule ppl:
         model=model_inputs,
     output:
         "results/ppl/model={model}/method={method}/length={length}.parquet",
-    params:
-        spec=cell_spec,
-        settings=q(config["ppl"]),
-    threads: config["runtime"]["threads"]
     log:
         "logs/ppl/model={model}/method={method}/length={length}.log",
     conda:
-        ENV
+        "../envs/ropelens.yaml"
+    threads: config["runtime"]["threads"]
+    params:
+        spec=cell_spec,
+        settings=q(config["ppl"]),
     shell:
-        "{RL} ppl --spec {params.spec:q} --settings {params.settings:q} --tokens {input.tokens}"
+        "python -m ropelens ppl --spec {params.spec:q} --settings {params.settings:q} --tokens {input.tokens}"
         " --length {wildcards.length} --threads {threads} --out {output} 2> {log}"

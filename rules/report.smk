@@ -21,11 +21,7 @@ rule ppl_table:
     log:
         "logs/report/ppl.log",
     conda:
-        ENV
+        "../envs/ropelens.yaml"
     shell:
-        "{RL} aggregate-ppl {input} --prefix results/tables/ppl"
+        "python -m ropelens aggregate-ppl {input} --prefix results/tables/ppl"
         " --html {output.html} --png {output.png} 2> {log}"
-
-
-def report_outputs():
-    return rules.ppl_table.output

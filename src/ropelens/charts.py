@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def ppl_chart(table):
-    """PPL vs length: log x, one line per method, a panel per model, a rule at the pretrained length."""
+    """PPL vs length (log x): a line per method, a panel per model, a rule at pretrained length."""
     import altair as alt
 
     df = table.to_pandas()

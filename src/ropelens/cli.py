@@ -10,7 +10,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 from ropelens import __version__
 from ropelens.errors import RopelensError
@@ -180,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--html", help="chart HTML path")
     s.add_argument("--png", help="chart PNG path")
     s.set_defaults(func=cmd_aggregate_ppl)
+
+    from ropelens import toy
+
+    toy.add_commands(sub)
     return p
 
 

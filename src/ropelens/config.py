@@ -100,6 +100,10 @@ def check(cfg: dict, base_dir: str | os.PathLike = ".") -> None:
                 f"models.{name}.path: directory '{model['path']}' does not exist; "
                 "give a local Hugging Face model directory or use 'hub: <org/name>'"
             )
+        if "train" in model:
+            from ropelens import toy
+
+            toy.check_settings(model["train"], f"models.{name}.train", cfg, role="pretrain")
         tiny = model.get("tiny") or {}
         heads, kv = tiny.get("heads", 4), tiny.get("kv_heads", tiny.get("heads", 4))
         if heads % kv:
@@ -109,7 +113,8 @@ def check(cfg: dict, base_dir: str | os.PathLike = ".") -> None:
         name = entry.get("method", label)
         if name not in registry.REGISTRY:
             raise ConfigError(
-                f"{where}.method: unknown method '{name}'; known methods: {', '.join(registry.known())}"
+                f"{where}.method: unknown method '{name}'; "
+                f"known methods: {', '.join(registry.known())}"
             )
         for model in list(entry.get("checkpoints", {})) + list(entry.get("models", [])):
             if model not in models:
@@ -117,6 +122,16 @@ def check(cfg: dict, base_dir: str | os.PathLike = ".") -> None:
                     f"{where}: model '{model}' is not in models; known: {', '.join(models)}"
                 )
         for model, ckpt in entry.get("checkpoints", {}).items():
+            if "train" in ckpt:
+                from ropelens import toy
+
+                where_ckpt = f"{where}.checkpoints.{model}.train"
+                toy.check_settings(ckpt["train"], where_ckpt, cfg, role="continual")
+                if "hub" in models[model]:
+                    raise ConfigError(
+                        f"{where_ckpt}: continual pretraining needs a local base model; "
+                        f"models.{model} is a hub id — download it and use 'path:'"
+                    )
             if "path" in ckpt and not (base / ckpt["path"]).expanduser().is_dir():
                 raise ConfigError(
                     f"{where}.checkpoints.{model}.path: directory '{ckpt['path']}' does not exist"
@@ -162,10 +177,25 @@ def model_method_pairs(cfg: dict) -> list[tuple[str, str]]:
 
 
 def model_dir(cfg: dict, model: str) -> str | None:
-    """Local directory of a model the workflow builds itself (None for path/hub models)."""
+    """Local directory of a base model the workflow builds itself (None for path/hub models)."""
     if "tiny" in cfg["models"][model]:
         return f"resources/models/{model}"
+    if "train" in cfg["models"][model]:
+        return f"resources/zoo/{model}/base"
     return None
+
+
+def checkpoint_dir(cfg: dict, model: str, method: str) -> str | None:
+    """Local directory of a checkpoint the workflow trains itself (continual pretraining)."""
+    ckpt = (cfg["methods"][method].get("checkpoints") or {}).get(model)
+    if ckpt is not None and "train" in ckpt:
+        return f"resources/zoo/{model}/cpt/{method}"
+    return None
+
+
+def built_inputs(cfg: dict, model: str, method: str) -> list[str]:
+    """Directories the workflow must build before a (model, method) cell can run."""
+    return [d for d in (model_dir(cfg, model), checkpoint_dir(cfg, model, method)) if d]
 
 
 def cell_spec(cfg: dict, model: str, method: str) -> dict:
@@ -173,9 +203,11 @@ def cell_spec(cfg: dict, model: str, method: str) -> dict:
     m = cfg["models"][model]
     entry = cfg["methods"][method]
     ckpt = (entry.get("checkpoints") or {}).get(model)
-    if ckpt is not None:
+    if ckpt is not None and "train" in ckpt:
+        source = {"path": checkpoint_dir(cfg, model, method)}
+    elif ckpt is not None:
         source = {k: ckpt[k] for k in ("path", "hub", "revision") if k in ckpt}
-    elif "tiny" in m:
+    elif model_dir(cfg, model):
         source = {"path": model_dir(cfg, model)}
     else:
         source = {k: m[k] for k in ("path", "hub", "revision") if k in m}
@@ -202,3 +234,12 @@ def load_yaml(path: str | os.PathLike) -> dict:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"config file '{path}'{where}: not valid YAML") from None
+
+
+def export_job_environment(src_dir, python: str | None) -> None:
+    """Let jobs run ``python -m ropelens`` from ``src_dir`` (``python``'s folder first on PATH)."""
+    paths = [str(src_dir)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    if python:
+        bins = [str(Path(python).parent)] + os.environ.get("PATH", "").split(os.pathsep)
+        os.environ["PATH"] = os.pathsep.join(dict.fromkeys(bins))

@@ -78,12 +78,16 @@ def read_local(path: Path, column: str = "text"):
 
         table = pq.read_table(path)
         if column not in table.column_names:
-            raise DataError(f"{path}: no column '{column}' (columns: {', '.join(table.column_names)})")
+            raise DataError(
+                f"{path}: no column '{column}' (columns: {', '.join(table.column_names)})"
+            )
         ids = table.column("id").to_pylist() if "id" in table.column_names else None
         for i, text in enumerate(table.column(column).to_pylist()):
             yield str(ids[i] if ids else i), text
     else:
-        raise DataError(f"{path}: unsupported corpus format '{suffix}' (use .txt, .jsonl, .parquet)")
+        raise DataError(
+            f"{path}: unsupported corpus format '{suffix}' (use .txt, .jsonl, .parquet)"
+        )
 
 
 def check_local(path: Path, corpus: dict, min_length: int, key: str) -> None:
@@ -133,7 +137,11 @@ def build(corpus: dict, out: str | Path, base_dir: str | Path = ".") -> dict:
         origin = {"path": str(corpus["path"])}
     else:
         docs = [(d, t, corpus["split"]) for d, t in _dataset_docs(corpus)]
-        origin = {"dataset": corpus["dataset"], "name": corpus.get("name"), "split": corpus["split"]}
+        origin = {
+            "dataset": corpus["dataset"],
+            "name": corpus.get("name"),
+            "split": corpus["split"],
+        }
     if corpus.get("max_documents"):
         docs = docs[: corpus["max_documents"]]
     if not docs:

@@ -48,7 +48,9 @@ def read_cells(paths, schema):
         try:
             t = pq.read_table(p)
         except (OSError, pa.ArrowInvalid) as e:
-            raise DataError(f"{p}: not a readable Parquet cell ({e}); delete it and rerun") from None
+            raise DataError(
+                f"{p}: not a readable Parquet cell ({e}); delete it and rerun"
+            ) from None
         missing = [f.name for f in schema if f.name not in t.column_names]
         if missing:
             raise DataError(

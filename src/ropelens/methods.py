@@ -1,10 +1,12 @@
 """The one registry of RoPE context-extension methods.
 
-Each method turns the base model's RoPE (theta, head dim, pretrained length) and the user's parameters
-into transformers' ``rope_parameters`` (plus, rarely, other config overrides), so that the model's own
-RoPE code path runs. Nothing here re-implements rotary embeddings; ``inv_freq`` asks transformers.
+Each method turns the base model's RoPE (theta, head dim, pretrained length) and the user's
+parameters into transformers' ``rope_parameters`` (plus, rarely, other config overrides), so that
+the model's own RoPE code path runs. Nothing here re-implements rotary embeddings; ``inv_freq``
+asks transformers.
 
-    >>> spec = resolve("pi", {"factor": 4}, BaseRope(theta=10000.0, head_dim=64, pretrained_length=4096))
+    >>> base = BaseRope(theta=10000.0, head_dim=64, pretrained_length=4096)
+    >>> spec = resolve("pi", {"factor": 4}, base)
     >>> spec.rope_parameters
     {'rope_type': 'linear', 'rope_theta': 10000.0, 'factor': 4.0}
 """
@@ -71,17 +73,21 @@ def get(name: str) -> Method:
 
 
 def resolve(name: str, params: dict, base: BaseRope, where: str = "method") -> RopeSpec:
-    """Check ``params`` for method ``name`` and build its RoPE spec. ``where`` names the config key."""
+    """Check ``params`` for method ``name`` and build its RoPE spec (``where``: the config key)."""
     method = get(name)
     params = dict(params or {})
     allowed = set(method.required) | set(method.optional)
     for key in params:
         if key not in allowed:
             hint = ", ".join(sorted(allowed)) or "none"
-            raise ConfigError(f"{where}.{key}: not a parameter of method '{name}' (allowed: {hint})")
+            raise ConfigError(
+                f"{where}.{key}: not a parameter of method '{name}' (allowed: {hint})"
+            )
     for key in method.required:
         if key not in params:
-            raise ConfigError(f"{where}.{key}: method '{name}' requires '{key}'; add it (e.g. {key}: 4)")
+            raise ConfigError(
+                f"{where}.{key}: method '{name}' requires '{key}'; add it (e.g. {key}: 4)"
+            )
     if "factor" in params:
         factor = params["factor"]
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1:

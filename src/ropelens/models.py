@@ -70,7 +70,9 @@ def load_config(spec: dict):
         raise RopelensError(f"cannot load model config '{name}': {first}") from None
     if spec.get("apply", True):
         base = methods.base_rope(config, spec["pretrained_length"])
-        rope = methods.resolve(spec["registry"], spec["params"], base, where=f"methods.{spec['method']}")
+        rope = methods.resolve(
+            spec["registry"], spec["params"], base, where=f"methods.{spec['method']}"
+        )
         methods.apply(config, rope)
     return config
 

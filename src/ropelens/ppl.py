@@ -33,7 +33,9 @@ def select_documents(n_tokens: list[int], length: int, max_documents: int) -> li
 def windows(n: int, length: int, stride: int) -> list[tuple[int, int, int]]:
     """Sliding windows over ``n`` tokens as (begin, end, first_scored) with end - begin <= length.
 
-    Every token position 1..n-1 is scored exactly once (position 0 has no context).
+    With ``stride < length`` every token position 1..n-1 is scored exactly once (position 0 has
+    no context). With ``stride >= length`` the windows are disjoint chunks and each chunk's first
+    token goes unscored.
     """
     out, prev_end, begin = [], 0, 0
     while True:
@@ -68,12 +70,14 @@ def _bins(positions: np.ndarray, length: int, n_bins: int) -> np.ndarray:
     return np.minimum(positions * n_bins // length, n_bins - 1)
 
 
-def document_rows(model, ids, length: int, protocol: str, stride: int, max_tokens: int, n_bins: int):
+def document_rows(
+    model, ids, length: int, protocol: str, stride: int, max_tokens: int, n_bins: int
+):
     """(tokens, nll_sum, bin_tokens, bin_nll) for one document's token ids."""
     import torch
 
     device = next(model.parameters()).device
-    ids = torch.as_tensor(ids, dtype=torch.long, device=device)
+    ids = torch.tensor(np.asarray(ids), dtype=torch.long, device=device)
     bin_tokens = np.zeros(n_bins, np.int64)
     bin_nll = np.zeros(n_bins, np.float64)
     if protocol == "truncate":

@@ -26,7 +26,9 @@ def ppl_table(cell_paths):
     ).reset_index()
     out["ppl"] = [math.exp(n / t) for n, t in zip(out["nll_sum"], out["tokens"])]
     out = out.drop(columns="nll_sum")
-    return pa.Table.from_pandas(out[schemas.PPL_TABLE.names], schemas.PPL_TABLE, preserve_index=False)
+    return pa.Table.from_pandas(
+        out[schemas.PPL_TABLE.names], schemas.PPL_TABLE, preserve_index=False
+    )
 
 
 def markdown_pivot(table, value: str, fmt: str = "{:.2f}") -> str:

@@ -1,0 +1,44 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def snakemake_bin() -> str:
+    exe = Path(sys.executable).with_name("snakemake")
+    return str(exe) if exe.exists() else shutil.which("snakemake")
+
+
+@pytest.fixture(scope="session")
+def snakemake():
+    """Run snakemake on the repo's Snakefile in a given working directory."""
+
+    def run(workdir, *args, check=True, timeout=900):
+        cmd = [snakemake_bin(), "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"snakemake failed ({proc.returncode}):\n"
+                f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+            )
+        return proc
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random LLaMA (GQA) + byte tokenizer, written once per session."""
+    from ropelens.models import make_tiny
+
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    make_tiny(out, pretrained_length=64, hidden_size=32, layers=2, heads=4, kv_heads=2, seed=0)
+    return out
