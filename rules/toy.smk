@@ -10,7 +10,7 @@ rule tiny_model:
     log:
         "logs/models/{model}.log",
     conda:
-        ENV
+        "../envs/ropelens.yaml"
     shell:
-        "{RL} make-tiny --out {output} --pretrained-length {params.pretrained_length}"
+        "python -m ropelens make-tiny --out {output} --pretrained-length {params.pretrained_length}"
         " --spec {params.spec:q} 2> {log}"
