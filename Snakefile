@@ -10,6 +10,7 @@ configfile: "config.yaml"
 
 
 include: "rules/common.smk"
+include: "rules/resources.smk"
 
 
 wildcard_constraints:
@@ -17,11 +18,14 @@ wildcard_constraints:
     method=r"[A-Za-z0-9][A-Za-z0-9_.+-]*",
     corpus=r"[A-Za-z0-9][A-Za-z0-9_.+-]*",
     length=r"\d+",
+    depth=r"\d+(\.\d+)?",
 
 
 include: "rules/toy.smk"
 include: "rules/data.smk"
 include: "rules/ppl.smk"
+include: "rules/attention.smk"
+include: "rules/needle.smk"
 include: "rules/report.smk"
 
 
@@ -30,4 +34,6 @@ rule all:
     default_target: True
     input:
         ppl_cells(),
+        attention_cells(),
+        needle_cells(),
         report_outputs(),

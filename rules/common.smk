@@ -31,6 +31,7 @@ RL = "python -m ropelens"
 ENV = "../envs/ropelens.yaml"
 
 PAIRS = rlconfig.model_method_pairs(config)
+MODELS = list(config["models"])
 LENGTHS = config["lengths"]
 
 
@@ -67,5 +68,24 @@ def ppl_cells():
     ]
 
 
+def attention_cells():
+    return [
+        f"results/attention/model={m}/method={meth}/length={length}.parquet"
+        for m, meth, length in rlconfig.attention_cells(config)
+    ]
+
+
+def needle_cells():
+    return [
+        f"results/needle/model={m}/method={meth}/length={length}/depth={depth}.parquet"
+        for m, meth, length, depth in rlconfig.needle_cells(config)
+    ]
+
+
 def report_outputs():
-    return rules.ppl_table.output
+    return [
+        *rules.ppl_table.output,
+        *rules.attention_report.output,
+        *rules.needle_report.output,
+        *rules.html_report.output,
+    ]

@@ -9,9 +9,18 @@ rule ppl:
         "results/ppl/model={model}/method={method}/length={length}.parquet",
     log:
         "logs/ppl/model={model}/method={method}/length={length}.log",
+    group:  # short cells are bundled into one cluster job (rules/resources.smk)
+        cell_group
     conda:
         "../envs/ropelens.yaml"
     threads: config["runtime"]["threads"]
+    resources:  # cluster resources by cell length (rules/resources.smk)
+        mem_mb=cell_mem_mb,
+        runtime=cell_runtime,
+        gpu=cell_gpu,
+        gpu_model=cell_gpu_model,
+        slurm_partition=cell_partition,
+        cell_slots=1,
     params:
         spec=cell_spec,
         settings=q(config["ppl"]),

@@ -1,5 +1,6 @@
 """The workflow end to end on a micro config: cells, aggregates, incremental reruns, bad input."""
 
+import math
 import re
 
 import pyarrow.parquet as pq
@@ -7,6 +8,7 @@ import pytest
 import yaml
 
 from ropelens import schemas
+from ropelens.io import dataset
 
 pytestmark = pytest.mark.workflow
 
@@ -14,12 +16,16 @@ MICRO = {
     "models": {
         "micro": {
             "tiny": {"hidden_size": 16, "layers": 1, "heads": 2, "kv_heads": 1},
-            "pretrained_length": 32,
+            "pretrained_length": 64,
         }
     },
     "methods": {"rope": {}, "pi": {"factor": 2}},
-    "lengths": [16, 32],
-    "corpora": {"code": {"builtin": "stdlib", "max_documents": 12}},
+    "lengths": [64, 128],
+    "depths": [0, 100],
+    "corpora": {
+        "code": {"builtin": "stdlib", "max_documents": 12},
+        "prose": {"builtin": "pydoc", "split": "train", "max_documents": 6},
+    },
     "ppl": {"corpus": "code", "max_documents": 2, "position_bins": 4},
 }
 
@@ -58,10 +64,10 @@ def test_cells_table_and_chart(micro_run):
     workdir, _ = micro_run
     cells = sorted((workdir / "results/ppl").rglob("*.parquet"))
     assert [c.relative_to(workdir / "results/ppl").as_posix() for c in cells] == [
-        "model=micro/method=pi/length=16.parquet",
-        "model=micro/method=pi/length=32.parquet",
-        "model=micro/method=rope/length=16.parquet",
-        "model=micro/method=rope/length=32.parquet",
+        "model=micro/method=pi/length=128.parquet",
+        "model=micro/method=pi/length=64.parquet",
+        "model=micro/method=rope/length=128.parquet",
+        "model=micro/method=rope/length=64.parquet",
     ]
     for c in cells:
         t = pq.read_table(c)
@@ -74,14 +80,48 @@ def test_cells_table_and_chart(micro_run):
         assert (workdir / "results" / name).stat().st_size > 0
     assert "| pi |" in (workdir / "results/tables/ppl.md").read_text()
     assert not list(workdir.rglob("*.tmp")), "temporary files left behind"
-    assert (workdir / "logs/ppl/model=micro/method=pi/length=16.log").exists()
+
+
+def test_attention_cells_and_aggregates(micro_run):
+    workdir, _ = micro_run
+    cells = sorted((workdir / "results/attention").rglob("*.parquet"))
+    assert len(cells) == 4
+    t = pq.read_table(cells[0])
+    assert t.schema.names == schemas.ATTENTION.names
+    assert t.num_rows == 1 * 2  # layers x heads of the micro model
+    js = pq.read_table(workdir / "results/tables/attention_js.parquet").to_pandas()
+    assert len(js) == 4 and set(js["layer"]) == {"mean"}
+    ref = js[(js["method"] == "rope") & (js["length"] == 64)]
+    assert float(ref["js_divergence"].iloc[0]) == pytest.approx(0.0, abs=1e-12)
+    for name in ("tables/attention_js.md", "figures/attention_micro.png"):
+        assert (workdir / "results" / name).stat().st_size > 0
+    assert (workdir / "logs/ppl/model=micro/method=pi/length=64.log").exists()
+
+
+def test_needle_cells_and_aggregates(micro_run):
+    workdir, _ = micro_run
+    cells = sorted((workdir / "results/needle").rglob("*.parquet"))
+    rel = [c.relative_to(workdir / "results/needle").as_posix() for c in cells]
+    assert "model=micro/method=pi/length=128/depth=100.parquet" in rel and len(cells) == 8
+    df = dataset(workdir / "results/needle").to_table().to_pandas()  # the grid as one table
+    short = df[df["length"] == 64]
+    assert set(short["status"]) == {"prompt_error"}  # 64 tokens cannot hold needle + question
+    long = df[df["length"] == 128]
+    assert set(long["status"]) == {"ok"}
+    assert len(long) == 4 * 1 * 2  # cells x layers x heads
+    assert long["entropy"].between(0, math.log(128 + 10)).all()  # prompt + generated keys
+    summary = pq.read_table(workdir / "results/tables/needle.parquet").to_pandas()
+    assert set(summary["method"]) == {"rope", "pi", "(all methods)"}
+    for name in ("tables/needle.md", "tables/needle_cpt.md", "figures/needle_micro.png"):
+        assert (workdir / "results" / name).stat().st_size > 0
 
 
 def test_rerun_is_a_noop_and_deleted_cell_is_recomputed(micro_run, snakemake):
     workdir, args = micro_run
     assert job_counts(snakemake(workdir, *args, "-n")) == {}
-    (workdir / "results/ppl/model=micro/method=rope/length=32.parquet").unlink()
-    assert job_counts(snakemake(workdir, *args, "-n")) == {"ppl": 1, "ppl_table": 1, "all": 1}
+    (workdir / "results/ppl/model=micro/method=rope/length=128.parquet").unlink()
+    expected = {"ppl": 1, "ppl_table": 1, "html_report": 1, "all": 1}
+    assert job_counts(snakemake(workdir, *args, "-n")) == expected
     snakemake(workdir, *args, "--cores", "2")
     assert job_counts(snakemake(workdir, *args, "-n")) == {}
 
@@ -93,8 +133,18 @@ def test_changed_method_params_rerun_only_that_method(micro_run, snakemake, tmp_
     path = tmp_path / "changed.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = snakemake(workdir, "--configfile", str(path), "-n")
-    assert job_counts(proc) == {"ppl": 2, "ppl_table": 1, "all": 1}
-    assert "method=rope" not in proc.stdout.split("rule ppl_table")[0]
+    assert job_counts(proc) == {
+        "ppl": 2,
+        "attention": 2,
+        "needle": 4,
+        "ppl_table": 1,
+        "attention_report": 1,
+        "needle_report": 1,
+        "html_report": 1,
+        "all": 1,
+    }
+    wildcards = [ln for ln in proc.stdout.splitlines() if ln.strip().startswith("wildcards:")]
+    assert len(wildcards) == 8 and not [w for w in wildcards if "method=rope" in w]
 
 
 @pytest.mark.parametrize(
@@ -102,7 +152,7 @@ def test_changed_method_params_rerun_only_that_method(micro_run, snakemake, tmp_
     [
         ({"methods": {"x": {"method": "longlora"}}}, "methods.x.method: unknown method 'longlora'"),
         ({"methods": {"pi": {}}}, "methods.pi.factor: method 'pi' requires 'factor'"),
-        ({"lengths": [16, -3]}, "lengths[1]: -3 is out of range"),
+        ({"lengths": [64, -3]}, "lengths[1]: -3 is out of range"),
         ({"depths": [50, 150]}, "depths[1]: 150 is out of range"),
         (
             {"models": {"micro": {"path": "nowhere", "pretrained_length": 32}}},
@@ -131,6 +181,7 @@ def test_uncomputable_cell_writes_nothing(tmp_path, snakemake):
     (tmp_path / "short.jsonl").write_text('{"text": "' + "x = 1\\n" * 10 + '"}\n')
     cfg = yaml.safe_load(yaml.safe_dump(MICRO))
     cfg["corpora"] = {"code": {"path": "short.jsonl"}}
+    cfg["needle"] = {"haystack": "code"}
     cfg["lengths"] = [16, 128]
     cfg["methods"] = {"rope": {}}
     args = write_config(tmp_path, cfg)
@@ -150,8 +201,31 @@ def test_paper_sized_grid_builds_its_dag(tmp_path, snakemake):
         f"m{i}": {"hub": f"org/model-{i}", "pretrained_length": 4096} for i in range(4)
     }
     cfg["methods"] = {f"pi-{f}": {"method": "pi", "factor": f} for f in (2, 4, 8, 16)}
-    cfg["methods"].update({f"yarn-{f}": {"method": "yarn", "factor": f} for f in (2, 4, 8, 16)})
+    cfg["methods"].update({f"yarn-{f}": {"method": "yarn", "factor": f} for f in (2, 4, 8)})
+    cfg["methods"]["rope"] = {}
     cfg["lengths"] = [2**k for k in range(10, 22)]
     args = write_config(tmp_path, cfg)
     counts = job_counts(snakemake(tmp_path, *args, "-n"))
     assert counts["ppl"] == 4 * 8 * 12
+
+
+def test_html_report_and_snakemake_report(micro_run, snakemake):
+    import zipfile
+
+    workdir, args = micro_run
+    page = (workdir / "results/report.html").read_text()
+    for key in (
+        "ppl",
+        "attention",
+        "attention_js",
+        "needle",
+        "entropy_failure",
+        "cpt",
+        "provenance",
+    ):
+        assert f'data-section="{key}"' in page
+    assert (workdir / "logs/report/html.log").exists()
+    snakemake(workdir, *args, "--report", "report.zip")
+    names = {n.rsplit("/", 1)[-1] for n in zipfile.ZipFile(workdir / "report.zip").namelist()}
+    expected = {"ppl.md", "ppl.png", "attention_js.md", "needle.md", "needle_cpt.md", "report.html"}
+    assert expected <= names

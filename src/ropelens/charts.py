@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+MAX_FAINT_LINES = 256
+
+
+def _no_row_limit():
+    import altair as alt
+
+    alt.data_transformers.disable_max_rows()
+
 
 def ppl_chart(table):
     """PPL vs length (log x): a line per method, a panel per model, a rule at pretrained length."""
@@ -30,14 +38,119 @@ def ppl_chart(table):
 
 
 def save(chart, html: str | Path, png: str | Path | None = None, scale: float = 2.0) -> None:
-    """Write the chart as self-contained HTML (and PNG), each atomically."""
+    """Write the chart as self-contained HTML (and PNG), each atomically.
+
+    The Vega-Lite spec goes next to the HTML as ``<stem>.vl.json``: ``ropelens report`` embeds it.
+    """
     html = Path(html)
     html.parent.mkdir(parents=True, exist_ok=True)
     tmp = html.with_name(f".{html.name}.tmp")
     chart.save(str(tmp), format="html", inline=True)
     tmp.replace(html)
+    spec = html.with_suffix(".vl.json")
+    tmp = spec.with_name(f".{spec.name}.tmp")
+    tmp.write_text(chart.to_json(indent=None))
+    tmp.replace(spec)
     if png is not None:
         png = Path(png)
         tmp = png.with_name(f".{png.name}.tmp")
         chart.save(str(tmp), format="png", scale_factor=scale)
         tmp.replace(png)
+
+
+def attention_chart(df, model: str, lengths: list[int]):
+    """Fig. 2/3: attention mass vs normalised key position, a panel per (method, length).
+
+    Each (layer, head) is a faint line (each layer's head mean when a cell has more than
+    ``MAX_FAINT_LINES`` heads in all); the mean over layers, heads and documents is bold red.
+    """
+    import altair as alt
+    import pandas as pd
+
+    sub = df[(df["model"] == model) & (df["length"].isin(lengths))]
+    per_cell = sub.groupby(["method", "length"]).size().max() if len(sub) else 0
+    by_layer = per_cell > MAX_FAINT_LINES  # 7B-sized models: one faint line per layer
+    rows = []
+    for r in sub.itertuples():
+        n = len(r.pos_mass)
+        series = f"layer {r.layer}" if by_layer else f"{r.layer}/{r.head}"
+        for b, mass in enumerate(r.pos_mass):
+            rows.append((r.method, r.length, series, (b + 0.5) / n, mass))
+    heads = pd.DataFrame(rows, columns=["method", "length", "series", "position", "mass"])
+    heads = heads.groupby(["method", "length", "series", "position"], as_index=False)["mass"].mean()
+    mean = heads.groupby(["method", "length", "position"], as_index=False)["mass"].mean()
+    data = pd.concat([heads.assign(kind="head"), mean.assign(kind="mean", series="mean")])
+    data["mass"] = data["mass"].clip(lower=1e-6)
+    x = alt.X("position:Q", title="key position / length", scale=alt.Scale(domain=[0, 1]))
+    y = alt.Y("mass:Q", title="attention mass per bin", scale=alt.Scale(type="log"))
+    base = alt.Chart().encode(x=x, y=y, detail="series:N")
+    faint = base.mark_line(opacity=0.2, strokeWidth=0.8, color="#4c78a8").transform_filter(
+        alt.datum.kind == "head"
+    )
+    bold = (
+        base.mark_line(strokeWidth=2.5, color="#d62728")
+        .encode(tooltip=["method", "length", "position", alt.Tooltip("mass:Q", format=".4f")])
+        .transform_filter(alt.datum.kind == "mean")
+    )
+    _no_row_limit()
+    return (
+        alt.layer(faint, bold, data=data)
+        .properties(width=200, height=140)
+        .facet(row=alt.Row("method:N", title=None), column=alt.Column("length:O", title="length"))
+        .properties(
+            title=f"{model}: attention distribution (red: mean over layers, heads, documents)"
+        )
+    )
+
+
+def needle_heatmap(cells, model: str):
+    """Fig. 4/5: length × depth per method; green pass / red fail (grey: no result), each cell
+    annotated with its mean attention entropy, a dashed rule at the continual-pretraining length."""
+    import altair as alt
+    import pandas as pd
+
+    df = cells[cells["model"] == model].copy()
+    df["outcome"] = [
+        ("pass" if p else "fail") if s == "ok" else s for p, s in zip(df["passed"], df["status"])
+    ]
+    df["label"] = [f"{e:.2f}" if e == e and e is not None else "" for e in df["mean_entropy"]]
+    df["depth"] = [f"{d:g}" for d in df["depth"]]
+    lengths = set(df["length"])
+    # the rule sits on the column of the continual-pretraining length (when that length is shown)
+    df["cpt_rule"] = pd.Series(
+        [
+            int(c) if c == c and c is not None and int(c) in lengths else None
+            for c in df["cpt_length"]
+        ],
+        index=df.index,
+        dtype=object,
+    )
+    depth_order = sorted(df["depth"].unique(), key=float)
+    x = alt.X("length:O", title="context length (tokens)")
+    y = alt.Y("depth:O", title="needle depth (%)", sort=depth_order)
+    colors = alt.Scale(
+        domain=["pass", "fail", "oom", "prompt_error"],
+        range=["#4caf50", "#e53935", "#9e9e9e", "#bdbdbd"],
+    )
+    base = alt.Chart().encode(x=x)
+    heat = base.mark_rect(stroke="white").encode(
+        y=y,
+        color=alt.Color("outcome:N", scale=colors, title="retrieval"),
+        tooltip=["method", "length", "depth", "outcome", "predicted", "answer", "mean_entropy"],
+    )
+    text = base.mark_text(fontSize=9, color="black").encode(y=y, text="label:N")
+    rule = (
+        alt.Chart()
+        .mark_rule(strokeDash=[5, 4], color="white", strokeWidth=2)
+        .encode(x=alt.X("cpt_rule:O"))
+        .transform_filter("isValid(datum.cpt_rule)")
+    )
+    return (
+        alt.layer(heat, text, rule, data=df)
+        .properties(width=max(150, 34 * df["length"].nunique()), height=18 * len(depth_order))
+        .facet(facet=alt.Facet("method:N", title=None), columns=3)
+        .properties(
+            title=f"{model}: needle retrieval (cell text: mean attention entropy; "
+            "dashed: continual-pretraining length)"
+        )
+    )

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from ropelens import __version__
 from ropelens.errors import RopelensError
@@ -92,29 +93,159 @@ def cmd_ppl(args) -> int:
         loaded.model, tokens, args.length, settings, _progress(f"ppl L={args.length}")
     )
     n = len(rows["doc_id"])
-    rope = loaded.rope_parameters
-    rows.update(
-        model=[spec["model"]] * n,
-        method=[spec["method"]] * n,
-        length=[args.length] * n,
-        rope_type=[rope.get("rope_type", "default")] * n,
-        factor=[rope.get("factor")] * n,
-        pretrained_length=[spec["pretrained_length"]] * n,
-        cpt_length=[spec.get("cpt_length")] * n,
-        protocol=[settings["protocol"]] * n,
-    )
-    meta = {
-        "ropelens.spec": json.dumps(spec),
-        "ropelens.rope_parameters": json.dumps(rope),
-        "ropelens.device": loaded.device,
-        "ropelens.load_seconds": f"{load_s:.3f}",
-        "ropelens.compute_seconds": f"{time.perf_counter() - t0 - load_s:.3f}",
-        "ropelens.version": __version__,
-    }
+    rows.update(_grid_columns(spec, loaded.rope_parameters, args.length, n))
+    rows.update(protocol=[settings["protocol"]] * n)
+    meta = _cell_metadata(spec, loaded, load_s, time.perf_counter() - t0 - load_s)
     write_cell(rows, schemas.PPL, args.out, meta)
     total = sum(rows["nll_sum"]) / max(1, sum(rows["tokens"]))
     print(f"{args.out}: {n} documents, mean NLL {total:.4f}", file=sys.stderr)
     return 0
+
+
+def _grid_columns(spec: dict, rope: dict, length: int, n: int) -> dict:
+    return dict(
+        model=[spec["model"]] * n,
+        method=[spec["method"]] * n,
+        length=[length] * n,
+        rope_type=[rope.get("rope_type", "default")] * n,
+        factor=[rope.get("factor")] * n,
+        pretrained_length=[spec["pretrained_length"]] * n,
+        cpt_length=[spec.get("cpt_length")] * n,
+    )
+
+
+def _cell_metadata(spec: dict, loaded, load_s: float, compute_s: float) -> dict:
+    return {
+        "ropelens.spec": json.dumps(spec),
+        "ropelens.rope_parameters": json.dumps(loaded.rope_parameters),
+        "ropelens.device": loaded.device,
+        "ropelens.load_seconds": f"{load_s:.3f}",
+        "ropelens.compute_seconds": f"{compute_s:.3f}",
+        "ropelens.version": __version__,
+    }
+
+
+def cmd_attention(args) -> int:
+    import pyarrow.parquet as pq
+
+    from ropelens import distributions, models, schemas
+    from ropelens.io import write_cell
+
+    _threads(args.threads)
+    spec, settings = args.spec, args.settings
+    tokens = pq.read_table(args.tokens)
+    t0 = time.perf_counter()
+    loaded = models.load(spec)
+    load_s = time.perf_counter() - t0
+    stats, n_docs = distributions.measure(
+        loaded.model, tokens, args.length, settings, _progress(f"attention L={args.length}")
+    )
+    n = stats.num_rows
+    rows = {name: stats.column(name).to_pylist() for name in stats.column_names}
+    rows.update(_grid_columns(spec, loaded.rope_parameters, args.length, n))
+    window = distributions.query_window(args.length, settings["query_fraction"])
+    rows.update(documents=[n_docs] * n, query_window=[window] * n)
+    meta = _cell_metadata(spec, loaded, load_s, time.perf_counter() - t0 - load_s)
+    write_cell(rows, schemas.ATTENTION, args.out, meta)
+    print(f"{args.out}: {n_docs} documents, {n} layer x head rows", file=sys.stderr)
+    return 0
+
+
+def cmd_aggregate_attention(args) -> int:
+    from ropelens import charts, distributions, schemas, tables
+    from ropelens.io import read_cells
+
+    table = distributions.js_table(args.cells, args.reference)
+    tables.write_outputs(table.filter(_is_mean(table)), args.prefix, "js_divergence", "{:.4f}")
+    from ropelens.io import write_table
+
+    write_table(table, f"{args.prefix}_layers.parquet")
+    df = read_cells(args.cells, schemas.ATTENTION).to_pandas()
+    for model, html, png in zip(args.models, args.html, args.png):
+        sub = df[df["model"] == model]
+        pretrained = int(sub["pretrained_length"].iloc[0])
+        lengths = distributions.plot_lengths(sub, pretrained, args.plot_lengths)
+        charts.save(charts.attention_chart(sub, model, lengths), html, png)
+    print(f"aggregated {len(args.cells)} attention cells", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ropelens import report
+
+    out = report.render(
+        args.files,
+        args.out,
+        captions_dir=args.captions,
+        config=args.config_json,
+        results_dir=args.results,
+        models_dir=args.models,
+        title=args.title,
+    )
+    kb = out.stat().st_size / 1024
+    print(f"wrote {out} ({kb:,.0f} KiB) from {len(args.files)} aggregate files", file=sys.stderr)
+    return 0
+
+
+def cmd_needle(args) -> int:
+    import pyarrow.parquet as pq
+
+    from ropelens import models, retrieval, schemas
+    from ropelens.io import write_cell
+
+    _threads(args.threads)
+    spec, settings = args.spec, args.settings
+    haystack = pq.read_table(args.haystack).column("text").to_pylist()
+    t0 = time.perf_counter()
+    loaded = models.load(spec)
+    load_s = time.perf_counter() - t0
+    rows = retrieval.run_cell(
+        loaded.model, loaded.tokenizer, haystack, args.length, args.depth, settings
+    )
+    n = len(rows["depth"])
+    rows.update(_grid_columns(spec, loaded.rope_parameters, args.length, n))
+    rows["registry_method"] = [spec["registry"]] * n
+    meta = _cell_metadata(spec, loaded, load_s, time.perf_counter() - t0 - load_s)
+    write_cell(rows, schemas.NEEDLE, args.out, meta)
+    status = rows["status"][0]
+    verdict = "pass" if rows["passed"][0] else "fail"
+    print(
+        f"{args.out}: {status} {verdict if status == 'ok' else ''} "
+        f"answer={rows['answer'][0]} generated={rows['generated'][0]!r} "
+        f"mean entropy={rows['mean_entropy'][0]}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_aggregate_needle(args) -> int:
+    from ropelens import charts, retrieval
+    from ropelens.io import write_table
+
+    cells = retrieval.cell_frame(args.cells)
+    prefix = Path(args.prefix)
+    for name, df in (
+        ("", retrieval.summary_table(cells)),
+        ("_cpt", retrieval.cpt_table(cells)),
+    ):
+        import pyarrow as pa
+
+        out = prefix.with_name(prefix.name + name)
+        write_table(pa.Table.from_pandas(df, preserve_index=False), f"{out}.parquet")
+        df.to_csv(f"{out}.csv.tmp", index=False)
+        Path(f"{out}.csv.tmp").replace(f"{out}.csv")
+        Path(f"{out}.md.tmp").write_text(retrieval.markdown(df))
+        Path(f"{out}.md.tmp").replace(f"{out}.md")
+    for model, html, png in zip(args.models, args.html, args.png):
+        charts.save(charts.needle_heatmap(cells, model), html, png)
+    print(f"aggregated {len(args.cells)} needle cells", file=sys.stderr)
+    return 0
+
+
+def _is_mean(table):
+    import pyarrow.compute as pc
+
+    return pc.equal(table.column("layer"), "mean")
 
 
 def cmd_aggregate_ppl(args) -> int:
@@ -180,9 +311,81 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--png", help="chart PNG path")
     s.set_defaults(func=cmd_aggregate_ppl)
 
+    s = sub.add_parser("attention", help="compute one attention-statistics cell")
+    s.add_argument("--spec", type=_json, required=True, help="JSON cell spec (model + method)")
+    s.add_argument("--settings", type=_json, required=True, help="JSON attention settings")
+    s.add_argument("--tokens", required=True, help="tokenised corpus Parquet")
+    s.add_argument("--length", type=int, required=True, help="context length in tokens")
+    s.add_argument("--out", required=True, help="output cell Parquet")
+    s.add_argument("--threads", type=int, help="torch CPU threads")
+    s.set_defaults(func=cmd_attention)
+
+    s = sub.add_parser(
+        "aggregate-attention", help="JS-divergence table + distribution charts from attention cells"
+    )
+    s.add_argument("cells", nargs="*", help="attention cell Parquet files")
+    s.add_argument("--prefix", required=True, help="writes PREFIX.parquet/.csv/.md (+ _layers)")
+    s.add_argument("--reference", default="rope", help="reference method label")
+    s.add_argument("--models", nargs="*", default=[], help="models to chart")
+    s.add_argument("--html", nargs="*", default=[], help="chart HTML per model")
+    s.add_argument("--png", nargs="*", default=[], help="chart PNG per model")
+    s.add_argument("--plot-lengths", type=_json, help="JSON list of lengths to chart")
+    s.set_defaults(func=cmd_aggregate_attention)
+
+    s = sub.add_parser(
+        "report",
+        help="one self-contained HTML page with every table, chart and provenance",
+        description="Write one self-contained HTML report (interactive charts with PNG "
+        "fallbacks, every table, provenance: config hash, package versions, hardware, wall time "
+        "per stage) from aggregate files. Each file goes to the section of the registry in "
+        "ropelens.report.SECTIONS that claims its name; sections without files are omitted.",
+        epilog="example: ropelens report results/tables/*.parquet results/figures/*.html "
+        "--out results/report.html --captions report --results results --models resources",
+    )
+    s.add_argument(
+        "files",
+        nargs="*",
+        help="aggregate files: tables (.parquet, with .md/.csv next to them) "
+        "and charts (.html, with .vl.json/.png next to them)",
+    )
+    s.add_argument("--out", required=True, help="output HTML path (e.g. results/report.html)")
+    s.add_argument("--captions", help="folder of section captions (report/*.rst)")
+    s.add_argument("--config-json", type=_json, help="resolved workflow config as JSON (hashed)")
+    s.add_argument("--results", help="results folder whose cells' metadata give wall times")
+    s.add_argument("--models", help="folder searched for toy training summaries (wall time)")
+    s.add_argument("--title", default="ropelens report", help="page title")
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser(
+        "needle", help="compute one needle-in-a-haystack cell with attention entropy"
+    )
+    s.add_argument("--spec", type=_json, required=True, help="JSON cell spec (model + method)")
+    s.add_argument("--settings", type=_json, required=True, help="JSON needle settings")
+    s.add_argument("--haystack", required=True, help="haystack corpus Parquet (column text)")
+    s.add_argument("--length", type=int, required=True, help="prompt length in tokens")
+    s.add_argument("--depth", type=float, required=True, help="needle depth in percent (0-100)")
+    s.add_argument("--out", required=True, help="output cell Parquet")
+    s.add_argument("--threads", type=int, help="torch CPU threads")
+    s.set_defaults(func=cmd_needle)
+
+    s = sub.add_parser(
+        "aggregate-needle",
+        help="needle heatmaps, entropy-failure table and continual-pretraining comparison",
+    )
+    s.add_argument("cells", nargs="*", help="needle cell Parquet files")
+    s.add_argument("--prefix", required=True, help="writes PREFIX.* and PREFIX_cpt.*")
+    s.add_argument("--models", nargs="*", default=[], help="models to chart")
+    s.add_argument("--html", nargs="*", default=[], help="heatmap HTML per model")
+    s.add_argument("--png", nargs="*", default=[], help="heatmap PNG per model")
+    s.set_defaults(func=cmd_aggregate_needle)
+
     from ropelens import toy
 
     toy.add_commands(sub)
+    for choice in sub._choices_actions:  # `ropelens CMD --help` opens with what CMD does
+        parser = sub.choices[choice.dest]
+        parser.description = parser.description or f"ropelens {choice.dest}: {choice.help}."
+    p.epilog = "Run `ropelens COMMAND --help` for what a command reads, writes and takes."
     return p
 
 

@@ -23,11 +23,18 @@ def write_table(table, out: str | os.PathLike, metadata: dict | None = None) -> 
     os.close(fd)
     try:
         pq.write_table(table, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; cells are shared results
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_cell(rows: dict, schema, out: str | os.PathLike, metadata: dict | None = None) -> Path:
@@ -64,3 +71,18 @@ def read_cells(paths, schema):
     if not tables:
         return schema.empty_table()
     return pa.concat_tables(tables)
+
+
+def dataset(root: str | os.PathLike):
+    """The cells under ``root`` (e.g. ``results/needle``) as one ``pyarrow.dataset.Dataset``.
+
+    The hive partition fields get the types the cells themselves declare (strings, int64 length),
+    so they merge with the identical columns stored in every file.
+    """
+    import pyarrow.dataset as ds
+
+    from ropelens.schemas import PARTITIONING
+
+    return ds.dataset(
+        str(root), format="parquet", partitioning=ds.partitioning(PARTITIONING, flavor="hive")
+    )

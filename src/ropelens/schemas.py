@@ -1,9 +1,8 @@
 """Every Parquet cell and table schema, declared once.
 
 Cells carry their grid coordinates (model, method, length[, depth]) as columns as well as in their
-hive-partitioned path, so a single file is self-describing. Readers that use hive partitioning on
-the whole tree should pass ``hive_partitioning=false`` or read these columns from the files (see
-docs/results.md).
+hive-partitioned path, so a single file is self-describing. pyarrow readers of a whole tree should
+give the partition types explicitly (``ropelens.io.dataset`` does; see docs/results.md).
 """
 
 from __future__ import annotations
@@ -15,6 +14,9 @@ GRID = [
     pa.field("method", pa.string()),
     pa.field("length", pa.int64()),
 ]
+
+# hive partition fields of every cell path (depth, where present, is the file name)
+PARTITIONING = pa.schema(GRID)
 
 METHOD_INFO = [
     pa.field("rope_type", pa.string()),
@@ -45,5 +47,60 @@ PPL_TABLE = pa.schema(
         pa.field("tokens", pa.int64()),
         pa.field("ppl", pa.float64()),
         pa.field("mean_doc_ppl", pa.float64()),
+    ]
+)
+
+ATTENTION = pa.schema(
+    GRID
+    + METHOD_INFO
+    + [
+        pa.field("documents", pa.int64()),
+        pa.field("query_window", pa.int64()),
+        pa.field("layer", pa.int32()),
+        pa.field("head", pa.int32()),
+        pa.field("n_queries", pa.int64()),
+        pa.field("entropy_mean", pa.float64()),
+        pa.field("entropy_last", pa.float64()),
+        pa.field("pos_mass", pa.list_(pa.float64())),
+        pa.field("dist_mass", pa.list_(pa.float64())),
+    ]
+)
+
+ATTENTION_JS = pa.schema(
+    GRID
+    + METHOD_INFO
+    + [
+        pa.field("layer", pa.string()),  # layer index, or "mean" over layers
+        pa.field("reference_method", pa.string()),
+        pa.field("reference_length", pa.int64()),
+        pa.field("js_divergence", pa.float64()),
+        pa.field("entropy_mean", pa.float64()),
+    ]
+)
+
+NEEDLE = pa.schema(
+    GRID
+    + METHOD_INFO
+    + [
+        pa.field("registry_method", pa.string()),
+        pa.field("depth", pa.float64()),
+        pa.field("actual_depth", pa.float64()),
+        pa.field("prompt_tokens", pa.int64()),
+        pa.field("needle_start", pa.int64()),
+        pa.field("needle_end", pa.int64()),
+        pa.field("answer", pa.string()),
+        pa.field("generated", pa.string()),
+        pa.field("predicted", pa.string()),
+        pa.field("score", pa.float64()),
+        pa.field("passed", pa.bool_()),
+        pa.field("status", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("mean_entropy", pa.float64()),
+        pa.field("mean_needle_mass", pa.float64()),
+        pa.field("answering_queries", pa.int64()),
+        pa.field("layer", pa.int32()),
+        pa.field("head", pa.int32()),
+        pa.field("entropy", pa.float64()),
+        pa.field("needle_mass", pa.float64()),
     ]
 )

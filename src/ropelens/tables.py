@@ -49,7 +49,7 @@ def markdown_pivot(table, value: str, fmt: str = "{:.2f}") -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def write_outputs(table, prefix: str | Path, value: str) -> None:
+def write_outputs(table, prefix: str | Path, value: str, fmt: str = "{:.2f}") -> None:
     """``prefix``.parquet, .csv and .md."""
     import pyarrow.csv as pacsv
 
@@ -59,5 +59,5 @@ def write_outputs(table, prefix: str | Path, value: str) -> None:
     pacsv.write_csv(table, tmp)
     tmp.replace(prefix.with_suffix(".csv"))
     tmp = prefix.with_suffix(".md.tmp")
-    tmp.write_text(markdown_pivot(table, value))
+    tmp.write_text(markdown_pivot(table, value, fmt))
     tmp.replace(prefix.with_suffix(".md"))

@@ -1,0 +1,119 @@
+"""Per-cell overhead (process start + model load) against the cell's compute, on the toy model.
+
+python bench/cell_overhead.py --lengths 256 1024 4096 --repeats 3
+
+Builds the default config's toy model (config.yaml, first model) and its tokens in a temporary
+folder, then runs each cell command exactly as the rules do (`python -m ropelens ppl|attention
+...`) and splits its wall time with the timings the cell records in its Parquet metadata:
+
+* load    = ``ropelens.load_seconds`` (tokenizer + config + weights; includes importing
+            transformers' model code)
+* compute = ``ropelens.compute_seconds`` (the measurement itself)
+* start   = wall - load - compute (interpreter, imports of torch/pyarrow, reading tokens,
+            writing the cell)
+
+Overhead = start + load: what every cell pays once, however small; it is what bundling cells
+into group jobs cannot remove (each cell is still its own process) but what makes one cell per
+Slurm job wasteful.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from ropelens import config as rlconfig  # noqa: E402
+
+
+def run(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd[:4])} ...: {proc.stderr.strip().splitlines()[-1]}")
+    return wall
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rules", nargs="+", default=["ppl", "attention"])
+    args = p.parse_args()
+
+    import pyarrow.parquet as pq
+
+    raw = yaml.safe_load((REPO / "config.yaml").read_text())
+    name, model = next(iter(raw["models"].items()))
+    tiny = model.get("tiny") or {"hidden_size": 64, "layers": 2, "heads": 4, "kv_heads": 2}
+    raw["models"] = {name: {"tiny": tiny, "pretrained_length": model["pretrained_length"]}}
+    raw["methods"] = {"rope": {}}
+    raw["lengths"] = sorted(set(args.lengths) | {model["pretrained_length"]})
+    raw.pop("attention", None)
+    raw.pop("needle", None)
+    cfg = rlconfig.prepare(raw, REPO)
+    py = [sys.executable, "-m", "ropelens"]
+    env_src = str(REPO / "src")
+    os.environ["PYTHONPATH"] = os.pathsep.join([env_src, os.environ.get("PYTHONPATH", "")])
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir = tmp / "model"
+        run(
+            [
+                *py,
+                "make-tiny",
+                "--out",
+                str(model_dir),
+                "--pretrained-length",
+                str(model["pretrained_length"]),
+                "--spec",
+                json.dumps(tiny),
+            ]
+        )
+        corpus = cfg["ppl"]["corpus"]
+        run([*py, "corpus", "--spec", json.dumps(cfg["corpora"][corpus]), "--out", str(tmp / "c")])
+        tokens = tmp / "tokens.parquet"
+        source = json.dumps({"path": str(model_dir)})
+        run([*py, "tokenize", "--corpus", str(tmp / "c"), "--source", source, "--out", str(tokens)])
+        spec = rlconfig.cell_spec(cfg, name, "rope")
+        spec["source"] = {"path": str(model_dir)}
+        print(f"toy model `{name}`: {json.dumps(tiny)}; threads 1; median of {args.repeats}")
+        print()
+        print("| cell | length | wall s | start s | load s | compute s | overhead / compute |")
+        print("|---|---|---|---|---|---|---|")
+        for rule in args.rules:
+            settings = rlconfig.cell_settings(cfg, rule) if rule != "ppl" else cfg["ppl"]
+            for length in args.lengths:
+                rows = []
+                for i in range(args.repeats):
+                    out = tmp / f"{rule}-{length}-{i}.parquet"
+                    cmd = [*py, rule, "--spec", json.dumps(spec), "--settings"]
+                    cmd += [json.dumps(settings), "--tokens", str(tokens)]
+                    cmd += ["--length", str(length), "--threads", "1", "--out", str(out)]
+                    wall = run(cmd)
+                    meta = pq.read_schema(out).metadata
+                    load = float(meta[b"ropelens.load_seconds"])
+                    compute = float(meta[b"ropelens.compute_seconds"])
+                    rows.append((wall, wall - load - compute, load, compute))
+                wall, start, load, compute = (statistics.median(c) for c in zip(*rows))
+                ratio = (start + load) / compute if compute > 0 else float("inf")
+                print(
+                    f"| {rule} | {length} | {wall:.2f} | {start:.2f} | {load:.2f} | "
+                    f"{compute:.3f} | {ratio:.1f}× |"
+                )
+
+
+if __name__ == "__main__":
+    main()

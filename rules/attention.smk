@@ -1,0 +1,30 @@
+# Attention statistics: one cell per (model, method, length), streamed at any length.
+
+
+rule attention:
+    input:
+        tokens=lambda wc: f"results/data/tokens/{config['attention']['corpus']}/model={wc.model}.parquet",
+        model=model_inputs,
+    output:
+        "results/attention/model={model}/method={method}/length={length}.parquet",
+    log:
+        "logs/attention/model={model}/method={method}/length={length}.log",
+    group:  # short cells are bundled into one cluster job (rules/resources.smk)
+        cell_group
+    conda:
+        "../envs/ropelens.yaml"
+    threads: config["runtime"]["threads"]
+    resources:  # cluster resources by cell length (rules/resources.smk)
+        mem_mb=cell_mem_mb,
+        runtime=cell_runtime,
+        gpu=cell_gpu,
+        gpu_model=cell_gpu_model,
+        slurm_partition=cell_partition,
+        cell_slots=1,
+    params:
+        spec=cell_spec,
+        settings=q(rlconfig.cell_settings(config, "attention")),
+    shell:
+        "python -m ropelens attention --spec {params.spec:q} --settings {params.settings:q}"
+        " --tokens {input.tokens} --length {wildcards.length} --threads {threads}"
+        " --out {output} 2> {log}"

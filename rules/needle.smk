@@ -1,0 +1,31 @@
+# Needle in a Haystack: one cell per (model, method, length, depth), with the attention entropy of
+# the answering queries.
+
+
+rule needle:
+    input:
+        haystack=lambda wc: f"results/data/corpora/{config['needle']['haystack']}.parquet",
+        model=model_inputs,
+    output:
+        "results/needle/model={model}/method={method}/length={length}/depth={depth}.parquet",
+    log:
+        "logs/needle/model={model}/method={method}/length={length}/depth={depth}.log",
+    group:  # short cells are bundled into one cluster job (rules/resources.smk)
+        cell_group
+    conda:
+        "../envs/ropelens.yaml"
+    threads: config["runtime"]["threads"]
+    resources:  # cluster resources by cell length (rules/resources.smk)
+        mem_mb=cell_mem_mb,
+        runtime=cell_runtime,
+        gpu=cell_gpu,
+        gpu_model=cell_gpu_model,
+        slurm_partition=cell_partition,
+        cell_slots=1,
+    params:
+        spec=cell_spec,
+        settings=q(rlconfig.cell_settings(config, "needle")),
+    shell:
+        "python -m ropelens needle --spec {params.spec:q} --settings {params.settings:q}"
+        " --haystack {input.haystack} --length {wildcards.length} --depth {wildcards.depth}"
+        " --threads {threads} --out {output} 2> {log}"

@@ -1,0 +1,343 @@
+"""Attention with streamed statistics: same output as SDPA, plus per-(layer, head) summaries.
+
+The registered attention function processes queries in chunks, so no (queries x keys x heads)
+tensor is ever built: peak extra memory is O(chunk x keys x heads), with the chunk size derived from
+a byte budget. Per chunk it computes fp32 logits and softmax once, takes the layer output from those
+probabilities and reduces them to:
+
+- entropy (nats) of each query's distribution over keys, via H = lse - sum(p * s);
+- mass per bin of normalised key position k / Lk, per log-spaced distance bin of d = q - k,
+  and per key span, all read from prefix sums of p evaluated at bin boundaries.
+
+Positions are indices into the key tensor (cache slots, left padding included); query i of a call
+sits at Lk - Lq + i. Queries without any visible key (padding) are not counted.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import AttentionInterface
+
+ATTN_IMPLEMENTATION = "ropelens_stats"
+BLOCK = 32  # key block width for the prefix sums (partial blocks are gathered)
+CPU_CHUNK_BYTES = 16 * 2**20  # CPU chunks' logits + probabilities: cache-sized is much faster
+
+
+@dataclass
+class StatsSpec:
+    """What to record. Spans are key-position ranges [start, end)."""
+
+    position_bins: int = 16
+    distance_bins: int = 20
+    spans: Sequence[tuple[int, int]] = ()
+    query_start: int = 0  # only queries at absolute position >= query_start are counted
+    memory_budget_bytes: int = 256 * 2**20
+
+
+class AttentionRecorder:
+    """Per-layer accumulators (fp64, on the attention's device); ``table()`` summarises them.
+
+    ``sums`` columns, summed over counted queries: count, entropy, position bins, distance bins,
+    spans.
+    """
+
+    def __init__(self, spec: StatsSpec | None = None):
+        self.spec = spec or StatsSpec()
+        self.layers: dict[int, dict[str, torch.Tensor]] = {}
+        self.calls = 0
+        self.chunks = 0
+
+    def _acc(self, layer: int, heads: int, device: torch.device) -> dict[str, torch.Tensor]:
+        if layer not in self.layers:
+            s = self.spec
+            width = 2 + s.position_bins + s.distance_bins + len(s.spans)
+            kw = dict(dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+            self.layers[layer] = {
+                "sums": torch.zeros(heads, width, **kw),
+                "entropy_last": torch.full((heads,), float("nan"), **kw),
+            }
+        return self.layers[layer]
+
+    def table(self):
+        """One row per (layer, head); means over the counted queries (NaN where none)."""
+        import pyarrow as pa
+
+        s = self.spec
+        cuts = np.cumsum([1, 1, s.position_bins, s.distance_bins])
+        cols = {k: [] for k in ("layer", "head", "n_queries", "entropy_mean", "entropy_last")}
+        lists = {"pos_mass": [], "dist_mass": [], "span_mass": []}
+        for layer in sorted(self.layers):
+            a = {k: v.detach().double().cpu().numpy() for k, v in self.layers[layer].items()}
+            n = a["sums"][:, 0]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                means = a["sums"] / np.where(n > 0, n, np.nan)[:, None]
+            for h in range(len(n)):
+                _, ent, pos, dist, span = np.split(means[h], cuts)
+                cols["layer"].append(layer)
+                cols["head"].append(h)
+                cols["n_queries"].append(int(round(n[h])))
+                cols["entropy_mean"].append(float(ent[0]))
+                cols["entropy_last"].append(float(a["entropy_last"][h]))
+                lists["pos_mass"].append(pos.tolist())
+                lists["dist_mass"].append(dist.tolist())
+                lists["span_mass"].append(span.tolist())
+        f64 = pa.list_(pa.float64())
+        schema = pa.schema(
+            [
+                ("layer", pa.int32()),
+                ("head", pa.int32()),
+                ("n_queries", pa.int64()),
+                ("entropy_mean", pa.float64()),
+                ("entropy_last", pa.float64()),
+                ("pos_mass", f64),
+                ("dist_mass", f64),
+                ("span_mass", f64),
+            ]
+        )
+        return pa.table({**cols, **lists}, schema=schema)
+
+
+_ACTIVE: AttentionRecorder | None = None
+
+
+def chunk_rows(
+    spec: StatsSpec, batch: int, heads: int, keys: int, workers: int = 1, cpu: bool = False
+) -> int:
+    """Queries per chunk: all workers' chunks fit the memory budget; on CPU, also the cache."""
+    n_bounds = spec.position_bins + 2 * len(spec.spans) + spec.distance_bins + 1
+    # logits + probabilities (fp32), mask bits, prefix sums or gathered partial blocks
+    per_row = batch * heads * (13 * keys + 8 * n_bounds)
+    rows = max(1, spec.memory_budget_bytes // (per_row * workers))
+    if cpu:  # all workers' logits + probabilities within CPU_CHUNK_BYTES, >= 16 rows each
+        rows = min(rows, max(16, CPU_CHUNK_BYTES // (8 * batch * heads * keys * workers)))
+    return rows
+
+
+def stats_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """AttentionInterface function: SDPA's output; inside record_attention also the statistics."""
+    rec = _ACTIVE
+    if rec is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
+        )
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        raise RuntimeError("ropelens_stats attention is inference-only: run under torch.no_grad()")
+    if dropout > 0:
+        raise NotImplementedError("ropelens_stats attention does not support dropout")
+    if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
+        raise NotImplementedError(
+            "ropelens_stats attention supports neither softcap nor position_bias"
+        )
+    spec = rec.spec
+    B, H, Lq, D = query.shape
+    Hkv, Dv = key.shape[1], value.shape[-1]
+    g = H // Hkv
+    scaling = D**-0.5 if scaling is None else scaling
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    if attention_mask is None and is_causal and 1 < Lq < key.shape[2]:
+        key, value = key[:, :, :Lq], value[:, :, :Lq]  # as SDPA: prefill into an empty static cache
+    Lk = key.shape[2]
+    off = Lk - Lq  # absolute position of query 0
+    dev, f32 = query.device, torch.float32
+    fmin = torch.finfo(f32).min
+    q32, k32, v32 = query.to(f32) * scaling, key.to(f32), value.to(f32)
+    acc = rec._acc(module.layer_idx, H, dev)
+    rec.calls += 1
+
+    # Masses are differences of prefix sums S(c) = sum_{k<c} p_k taken at boundaries c = base (+ the
+    # query position for distance bins): masses = S(boundaries) @ diff + const. S(0) = 0 and
+    # S(Lk) = 1 are constants, so position edges 0 and Lk and lags >= Lk are not gathered.
+    nb_pos, n_span, nb_dist = spec.position_bins, len(spec.spans), spec.distance_bins
+    lags = [0] + [2**i for i in range(nb_dist - 1)]
+    lags = [lag for lag in lags if lag < Lk]
+    base = [(b * Lk + nb_pos - 1) // nb_pos for b in range(1, nb_pos)]
+    base += [min(max(int(c), 0), Lk) for span in spec.spans for c in span]
+    n_fixed = len(base)
+    base += [1 - lag for lag in lags]
+    diff = torch.zeros(len(base), nb_pos + nb_dist + n_span)
+    const = torch.zeros(nb_pos + nb_dist + n_span)
+    for b in range(nb_pos):  # bin b = S(edge b+1) - S(edge b); edges 0 and Lk are constants
+        if b < nb_pos - 1:
+            diff[b, b] = 1
+        else:
+            const[b] = 1
+        if b > 0:
+            diff[b - 1, b] = -1
+    for i in range(n_span):
+        diff[nb_pos - 1 + 2 * i + 1, nb_pos + nb_dist + i] = 1
+        diff[nb_pos - 1 + 2 * i, nb_pos + nb_dist + i] = -1
+    for j in range(len(lags)):  # bin j = S(q + 1 - lag j) - S(q + 1 - lag j+1)
+        diff[n_fixed + j, nb_pos + j] = 1
+        if j + 1 < len(lags):
+            diff[n_fixed + j + 1, nb_pos + j] = -1
+    diff, const = diff.to(dev), const.to(dev)
+    base = torch.tensor(base, device=dev, dtype=torch.long)
+    per_query = torch.arange(len(base), device=dev) >= n_fixed
+    positions = torch.arange(off, Lk, device=dev)
+    bounds = base + positions[:, None] * per_query  # (Lq, boundaries)
+    counted = positions >= spec.query_start
+    lane = torch.arange(BLOCK, device=dev)
+
+    # CPU: chunks run on a pool of Python threads with single-threaded ops, which beats intra-op
+    # threading here (many mid-sized ops, each its own parallel region), above all on busy machines
+    cpu = dev.type == "cpu"
+    workers = torch.get_num_threads() if cpu and Lq > 1 else 1
+    rows = min(Lq, chunk_rows(spec, B, H, Lk, workers, cpu))
+    starts = range(0, Lq, rows)
+    workers = min(workers, len(starts))
+    out = torch.empty(B, Lq, H, Dv, dtype=query.dtype, device=dev)
+    buffers = threading.local()
+
+    def chunk(c0: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attend queries [c0, c0 + rows): write their output; return per-head sums of their
+        [count, entropy, masses...] and [count, entropy] of the call's last query."""
+        c1 = min(Lq, c0 + rows)
+        n = c1 - c0
+        if not hasattr(buffers, "s"):  # one pair per worker thread
+            buffers.s = torch.empty(B * H * rows * Lk, dtype=f32, device=dev)
+            buffers.p = torch.empty_like(buffers.s)
+        qpos, sel = positions[c0:c1], counted[c0:c1]
+        # visible keys lie in [0, kend); valid rows have at least one
+        m, valid = None, None
+        kend = off + c1 if is_causal else Lk
+        if attention_mask is not None:
+            m = attention_mask[:, :, c0:c1]
+            if m.dtype == torch.bool:
+                seen = m.any(dim=(0, 1, 2)).nonzero()
+                kend = int(seen[-1]) + 1 if len(seen) else 1
+                m = m[..., :kend]
+                valid = m.any(-1)
+            else:
+                kend = Lk
+                valid = (m > torch.finfo(m.dtype).min).any(-1)
+            sel = sel & valid
+        sel = sel.expand(B, H, n)
+
+        # logits, masked with the largest negative float (not -inf, so that 0 * s = 0 below)
+        qc = q32[:, :, c0:c1].reshape(B, Hkv, g * n, D)
+        s = buffers.s[: B * H * n * kend].view(B, Hkv, g * n, kend)
+        torch.matmul(qc, k32[:, :, :kend].transpose(-1, -2), out=s)
+        s4 = s.view(B, H, n, kend)
+        if m is None:
+            if is_causal and off + c0 + 1 < kend:  # mask k > q in the trailing triangle
+                tri = torch.arange(off + c0 + 1, kend, device=dev) > qpos[:, None]
+                s4[..., off + c0 + 1 :].masked_fill_(tri, fmin)
+        elif m.dtype == torch.bool:
+            s4.masked_fill_(~m, fmin)
+        else:
+            s4.add_(m.to(f32).clamp(min=fmin))
+        p = buffers.p[: B * H * n * kend].view(B, Hkv, g * n, kend)
+        torch.softmax(s, -1, out=p)
+        o = torch.matmul(p, v32[:, :, :kend]).view(B, H, n, Dv)
+        if m is not None and m.dtype == torch.bool:
+            o = o.masked_fill(~valid[..., None], 0.0)  # SDPA returns 0 for fully masked rows
+        out[:, c0:c1] = o.transpose(1, 2)
+
+        # entropy: lse - sum(p * s), with lse = max(s) - log max(p)
+        p4 = p.view(B, H, n, kend)
+        ent = s4.amax(-1) - p4.amax(-1).log() - s4.mul_(p4).sum(-1)
+
+        # prefix sums at the boundaries: whole key blocks + a gathered partial block
+        bnd = bounds[c0:c1].clamp(0, kend)
+        if kend <= bnd.shape[1] * BLOCK:  # short rows: a plain cumulative sum is cheaper
+            cum = torch.nn.functional.pad(p4.cumsum(-1), (1, 0))
+            pre = cum.gather(-1, bnd.expand(B, H, n, -1))
+        else:
+            blk, rem = bnd // BLOCK, bnd % BLOCK
+            nfull = kend // BLOCK
+            bsum = p4[..., : nfull * BLOCK].unflatten(-1, (nfull, BLOCK)).sum(-1)
+            cum = torch.nn.functional.pad(bsum.cumsum(-1), (1, 0))
+            idx = (blk[..., None] * BLOCK + lane).clamp_(max=kend - 1).flatten(1)
+            part = p4.gather(-1, idx.expand(B, H, n, -1)).unflatten(-1, (-1, BLOCK))
+            pre = cum.gather(-1, blk.expand(B, H, n, -1)) + (part * (lane < rem[..., None])).sum(-1)
+        masses = pre @ diff + const
+
+        stats = torch.cat([torch.ones_like(ent)[..., None], ent[..., None], masses], -1)
+        stats = torch.where(sel[..., None], stats, 0.0).to(acc["sums"].dtype)
+        return stats.sum((0, 2)), stats[:, :, -1, :2].sum(0)
+
+    rec.chunks += len(starts)
+    if workers > 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                results = list(pool.map(chunk, starts))
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        results = [chunk(c0) for c0 in starts]
+    acc["sums"] += torch.stack([sums for sums, _ in results]).sum(0)
+    cnt, last = results[-1][1].unbind(-1)
+    acc["entropy_last"] = torch.where(cnt > 0, last / cnt.clamp(min=1), acc["entropy_last"])
+    return out, None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, stats_attention_forward)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+@contextmanager
+def record_attention(model, spec: StatsSpec | None = None):
+    """Switch ``model`` to the statistics attention and yield the recorder; restore on exit."""
+    global _ACTIVE
+    prev_impl = model.config._attn_implementation
+    prev_rec = _ACTIVE
+
+    def set_impl(name):
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(name)
+        else:
+            model.config._attn_implementation = name
+
+    rec = AttentionRecorder(spec)
+    set_impl(ATTN_IMPLEMENTATION)
+    _ACTIVE = rec
+    try:
+        yield rec
+    finally:
+        _ACTIVE = prev_rec
+        set_impl(prev_impl)
+
+
+def js_divergence(p, q) -> float:
+    """Jensen-Shannon divergence (nats) of two non-negative vectors, each normalised to sum 1."""
+    p = np.asarray(p, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    p, q = p / p.sum(), q / q.sum()
+    m = 0.5 * (p + q)
+
+    def kl(a):
+        nz = a > 0
+        return float(np.sum(a[nz] * np.log(a[nz] / m[nz])))
+
+    return max(0.0, 0.5 * kl(p) + 0.5 * kl(q))
+
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "AttentionRecorder",
+    "StatsSpec",
+    "js_divergence",
+    "record_attention",
+    "stats_attention_forward",
+]

@@ -1,0 +1,775 @@
+"""One self-contained HTML report from the aggregate tables and charts.
+
+``ropelens report FILES... --out results/report.html`` sorts the aggregate files it is given into
+sections with one registry (:data:`SECTIONS`: title, caption, table and figure name patterns); a
+section whose files are absent is omitted, and a file no section claims lands in "Other results",
+so a new kind of aggregate shows up without touching this module (and gets its own section by
+adding one :class:`Section`).
+
+- **Tables**: a ``.parquet`` table is shown through its ``.md`` sibling (the curated pivot), or as
+  an HTML table when it has none; every table also has a collapsed view of all its columns and links
+  to its CSV / Parquet files.
+- **Charts**: a chart ``X.html`` (written by :func:`ropelens.charts.save`) is embedded as its
+  Vega-Lite spec ``X.vl.json``, rendered by Vega-Embed inlined in the page (no network needed), over
+  its ``X.png`` as a base64 fallback that stays visible when JavaScript is off or a chart fails.
+- **Provenance**: config hash, package versions, hardware, the git commit of the checkout, and wall
+  time per stage (summed from cell metadata ``ropelens.load_seconds`` / ``compute_seconds`` and toy
+  training summaries ``ropelens_train.json``).
+
+This module never imports Snakemake.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import fnmatch
+import hashlib
+import html
+import json
+import os
+import platform
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ropelens import __version__
+from ropelens.errors import DataError
+
+# --- the registry ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Section:
+    """One report section: which aggregate files it shows and how it is introduced.
+
+    ``tables``/``figures``/``details`` are file-name patterns (fnmatch, matched on the base name);
+    ``details`` tables are shown collapsed only. ``caption`` names a file in the captions folder
+    (``report/*.rst``, shared with ``snakemake --report``); ``summary`` is used when it is absent.
+    """
+
+    key: str
+    title: str
+    caption: str = ""
+    summary: str = ""
+    tables: tuple[str, ...] = ()
+    figures: tuple[str, ...] = ()
+    details: tuple[str, ...] = ()
+
+
+SECTIONS: list[Section] = [
+    Section(
+        "ppl",
+        "Perplexity vs context length",
+        caption="ppl.rst",
+        summary="Corpus perplexity per model, method and context length.",
+        tables=("ppl.parquet",),
+        figures=("ppl.html",),
+    ),
+    Section(
+        "attention",
+        "Attention distributions",
+        caption="attention.rst",
+        summary="Attention mass over normalised key position, per method and length.",
+        figures=("attention_*.html",),
+    ),
+    Section(
+        "attention_js",
+        "Jensen–Shannon divergence of attention distributions",
+        caption="attention_js.rst",
+        summary="JS divergence of each method's attention distribution from plain RoPE's.",
+        tables=("attention_js.parquet",),
+        details=("attention_js_layers.parquet",),
+    ),
+    Section(
+        "needle",
+        "Needle in a haystack",
+        caption="needle.rst",
+        summary="Retrieval pass/fail over document length × needle depth, annotated with the "
+        "mean attention entropy; the dashed line marks the continual-pretraining length.",
+        figures=("needle_*.html",),
+        details=("needle_cells*.parquet", "needle_*layers*.parquet"),
+    ),
+    Section(
+        "entropy_failure",
+        "Attention entropy and retrieval failure",
+        caption="needle_table.rst",
+        summary="Pass rate and mean attention entropy of passing and failing needle cells.",
+        tables=("needle.parquet", "needle_entropy*.parquet"),
+        figures=("needle_entropy*.html",),
+    ),
+    Section(
+        "cpt",
+        "Longer continual pretraining",
+        caption="needle_cpt.rst",
+        summary="The same method continually pretrained at different lengths.",
+        tables=("needle_cpt*.parquet", "cpt*.parquet"),
+        figures=("needle_cpt*.html", "cpt*.html"),
+    ),
+]
+
+OTHER = Section("other", "Other results", summary="Aggregates no section above claims.")
+
+# Files that belong to a table or chart named elsewhere (siblings), never shown on their own.
+_SIBLING_SUFFIXES = (".csv", ".md", ".png", ".vl.json")
+MAX_ROWS = 200
+PNG_SCALE = 2  # charts.save renders PNGs at scale 2: show them at their chart size
+
+
+@dataclass
+class Figure:
+    name: str
+    html: Path | None = None
+    png: Path | None = None
+    spec: Path | None = None
+
+
+@dataclass
+class Table:
+    name: str
+    parquet: Path
+    detail: bool = False
+
+
+@dataclass
+class Assigned:
+    section: Section
+    tables: list[Table] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    return name[: -len(".vl.json")] if name.endswith(".vl.json") else path.stem
+
+
+def _specificity(pattern: str) -> int:
+    return len(pattern.replace("*", "").replace("?", ""))
+
+
+def _claim(name: str, kind: str) -> tuple[Section, bool]:
+    """The section claiming a file name (most specific pattern wins), and whether as a detail."""
+    best, best_score, detail = OTHER, -1, False
+    for section in SECTIONS:
+        groups = (
+            [(section.tables, False), (section.details, True)]
+            if kind == "table"
+            else [(section.figures, False)]
+        )
+        for patterns, is_detail in groups:
+            for pattern in patterns:
+                if fnmatch.fnmatchcase(name, pattern) and _specificity(pattern) > best_score:
+                    best, best_score, detail = section, _specificity(pattern), is_detail
+    return best, detail
+
+
+def assign(files) -> list[Assigned]:
+    """Sort aggregate files into sections, in registry order; sections without files are omitted.
+
+    ``.parquet`` files are tables; ``.html`` files are charts (with ``.png`` / ``.vl.json`` siblings
+    found next to them); a ``.png`` without an HTML chart is a static figure; ``.csv`` / ``.md`` are
+    siblings of a table.
+    """
+    paths = [Path(f) for f in files]
+    for p in paths:
+        if not p.exists():
+            raise DataError(f"{p}: no such file; build the aggregates first (snakemake) or drop it")
+    figures: dict[tuple[Path, str], Figure] = {}
+    tables: list[Table] = []
+    for p in paths:
+        name = p.name
+        if name.endswith(".parquet"):
+            tables.append(Table(p.stem, p))
+        elif name.endswith((".html", ".png", ".vl.json")):
+            fig = figures.setdefault((p.parent, _stem(p)), Figure(_stem(p)))
+            if name.endswith(".html"):
+                fig.html = p
+            elif name.endswith(".png"):
+                fig.png = p
+            else:
+                fig.spec = p
+        elif not name.endswith(_SIBLING_SUFFIXES):
+            raise DataError(
+                f"{p}: not a table (.parquet) or chart (.html/.png/.vl.json); drop it from the list"
+            )
+    for (folder, stem), fig in figures.items():
+        for attr, suffix in (("png", ".png"), ("spec", ".vl.json"), ("html", ".html")):
+            if getattr(fig, attr) is None and (folder / f"{stem}{suffix}").exists():
+                setattr(fig, attr, folder / f"{stem}{suffix}")
+    by_key: dict[str, Assigned] = {}
+    for t in tables:
+        section, t.detail = _claim(t.parquet.name, "table")
+        by_key.setdefault(section.key, Assigned(section)).tables.append(t)
+    for fig in figures.values():
+        section, _ = _claim(f"{fig.name}.html", "figure")
+        by_key.setdefault(section.key, Assigned(section)).figures.append(fig)
+    order = [s.key for s in SECTIONS] + [OTHER.key]
+    out = [by_key[k] for k in order if k in by_key]
+    for a in out:
+        a.tables.sort(key=lambda t: (t.detail, t.name))
+        a.figures.sort(key=lambda f: f.name)
+    return out
+
+
+# --- rendering helpers -----------------------------------------------------------------------
+
+
+def _esc(text) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _inline_rst(text: str) -> str:
+    """The little reStructuredText the captions use: ``literal``, *emphasis*, paragraphs."""
+    out = _esc(text)
+    out = re.sub(r"``(.+?)``", r"<code>\1</code>", out)
+    out = re.sub(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])", r"<em>\1</em>", out)
+    return out
+
+
+def caption_html(section: Section, captions_dir: Path | None) -> str:
+    text = ""
+    if captions_dir is not None and section.caption:
+        path = Path(captions_dir) / section.caption
+        if path.exists():
+            text = path.read_text(encoding="utf-8")
+    text = text.strip() or section.summary
+    paras = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    return "".join(f'<p class="caption">{_inline_rst(" ".join(p.split()))}</p>' for p in paras)
+
+
+def markdown_tables_html(text: str) -> str:
+    """Headings, paragraphs and pipe tables (what :func:`ropelens.tables.markdown_pivot` writes)."""
+    parts: list[str] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i].strip()
+        if not line:
+            i += 1
+            continue
+        m = re.match(r"^(#{1,6})\s+(.*)$", line)
+        if m:
+            level = min(6, len(m.group(1)) + 1)
+            parts.append(f"<h{level}>{_inline_md(m.group(2))}</h{level}>")
+            i += 1
+            continue
+        if line.startswith("|"):
+            block = []
+            while i < len(lines) and lines[i].strip().startswith("|"):
+                block.append(lines[i].strip())
+                i += 1
+            parts.append(_pipe_table(block))
+            continue
+        para = []
+        while i < len(lines) and lines[i].strip() and not lines[i].strip().startswith(("|", "#")):
+            para.append(lines[i].strip())
+            i += 1
+        parts.append(f"<p>{_inline_md(' '.join(para))}</p>")
+    return "\n".join(parts)
+
+
+def _inline_md(text: str) -> str:
+    out = _esc(text)
+    out = re.sub(r"`(.+?)`", r"<code>\1</code>", out)
+    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", out)
+
+
+def _cells(row: str) -> list[str]:
+    return [c.strip() for c in row.strip().strip("|").split("|")]
+
+
+def _pipe_table(block: list[str]) -> str:
+    rows = [r for r in block if not re.fullmatch(r"\|?(\s*:?-+:?\s*\|)+\s*:?-*:?\s*\|?", r)]
+    if not rows:
+        return ""
+    head, body = _cells(rows[0]), [_cells(r) for r in rows[1:]]
+    thead = "".join(f"<th>{_inline_md(c)}</th>" for c in head)
+    tbody = "".join(
+        "<tr>"
+        + "".join(
+            f"<th>{_inline_md(c)}</th>" if j == 0 else _td(_inline_md(c), c)
+            for j, c in enumerate(r)
+        )
+        + "</tr>"
+        for r in body
+    )
+    return f'<table class="data"><thead><tr>{thead}</tr></thead><tbody>{tbody}</tbody></table>'
+
+
+_NUMBER = re.compile(r"[-+]?[\d.,]+(e[-+]?\d+)?%?|—|nan|inf")
+
+
+def _td(html_text: str, raw: str) -> str:
+    """A cell; text (not a number) is left-aligned."""
+    return (
+        f"<td>{html_text}</td>"
+        if _NUMBER.fullmatch(raw.strip())
+        else f'<td class="t">{html_text}</td>'
+    )
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        if value != value:
+            return "—"
+        return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(_fmt(v) for v in value[:8])
+        return f"[{inner}{', …' if len(value) > 8 else ''}]"
+    if hasattr(value, "tolist"):
+        return _fmt(value.tolist())
+    return str(value)
+
+
+def arrow_table_html(table, max_rows: int = MAX_ROWS) -> str:
+    """An HTML table of the first ``max_rows`` rows of a pyarrow table, every column."""
+    cols = table.column_names
+    rows = table.slice(0, max_rows).to_pylist()
+    thead = "".join(f"<th>{_esc(c)}</th>" for c in cols)
+    tbody = "".join(
+        "<tr>" + "".join(_td(_esc(_fmt(r[c])), _fmt(r[c])) for c in cols) + "</tr>" for r in rows
+    )
+    note = ""
+    if table.num_rows > max_rows:
+        note = f'<p class="note">First {max_rows} of {table.num_rows} rows.</p>'
+    return (
+        f'<div class="scroll"><table class="data"><thead><tr>{thead}</tr></thead>'
+        f"<tbody>{tbody}</tbody></table></div>{note}"
+    )
+
+
+def _link(path: Path, base: Path) -> str:
+    rel = os.path.relpath(path.resolve(), base.resolve())
+    return f'<a href="{_esc(Path(rel).as_posix())}">{_esc(path.name)}</a>'
+
+
+def table_html(t: Table, base: Path) -> str:
+    import pyarrow.parquet as pq
+
+    try:
+        data = pq.read_table(t.parquet)
+    except Exception as e:
+        raise DataError(f"{t.parquet}: not a readable Parquet table ({e}); rebuild it") from None
+    md = t.parquet.with_suffix(".md")
+    csv = t.parquet.with_suffix(".csv")
+    links = " · ".join(_link(p, base) for p in (csv, t.parquet) if p.exists())
+    summary = f"All columns of <code>{_esc(t.parquet.name)}</code> ({data.num_rows} rows)" + (
+        f" — {links}" if links else ""
+    )
+    full = f"<details><summary>{summary}</summary>{arrow_table_html(data)}</details>"
+    if t.detail:
+        return f'<div class="table detail" data-table="{_esc(t.name)}">{full}</div>'
+    main = (
+        markdown_tables_html(md.read_text(encoding="utf-8"))
+        if md.exists()
+        else arrow_table_html(data)
+    )
+    return f'<div class="table" data-table="{_esc(t.name)}">{main}{full}</div>'
+
+
+def _json_script(obj) -> str:
+    """JSON safe inside a <script> element."""
+    text = json.dumps(obj, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def figure_html(fig: Figure, index: int, base: Path) -> tuple[str, str | None]:
+    """The <figure> and, when the chart has a Vega-Lite spec, the <script> holding it."""
+    parts, script = [], None
+    spec_id = f"spec-{index}"
+    if fig.spec is not None:
+        try:
+            spec = json.loads(fig.spec.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise DataError(f"{fig.spec}: not a Vega-Lite JSON spec ({e}); rebuild it") from None
+        parts.append(f'<div class="vega-chart" data-spec-id="{spec_id}"></div>')
+        script = f'<script type="application/json" id="{spec_id}">{_json_script(spec)}</script>'
+    if fig.png is not None:
+        data = fig.png.read_bytes()
+        b64 = base64.b64encode(data).decode("ascii")
+        size = ""
+        if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:  # IHDR: width, height
+            width = int.from_bytes(data[16:20], "big") // PNG_SCALE
+            size = f' width="{width}"'
+        parts.append(
+            f'<img class="fallback" alt="{_esc(fig.name)} (static image)"{size} '
+            f'src="data:image/png;base64,{b64}">'
+        )
+    if not parts:
+        parts.append(
+            f'<p class="note">No spec or PNG next to {_esc(fig.name)}.html; rerun its rule.</p>'
+        )
+    cls = "chart" + (" interactive" if script else "")
+    body = "".join(parts)
+    files = " · ".join(_link(p, base) for p in (fig.html, fig.png, fig.spec) if p is not None)
+    figure = (
+        f'<figure class="{cls}" data-figure="{_esc(fig.name)}">{body}'
+        f"<figcaption>{_esc(fig.name)}{' — ' + files if files else ''}</figcaption></figure>"
+    )
+    return figure, script
+
+
+# --- provenance ------------------------------------------------------------------------------
+
+PACKAGES = (
+    "ropelens",
+    "torch",
+    "transformers",
+    "snakemake",
+    "pyarrow",
+    "pandas",
+    "numpy",
+    "altair",
+    "vl-convert-python",
+    "datasets",
+    "tqdm",
+)
+
+
+def config_hash(config) -> str:
+    """SHA-256 of the resolved config as canonical JSON (sorted keys)."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def package_versions(names=PACKAGES) -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    out["ropelens"] = out.get("ropelens") or __version__
+    return out
+
+
+def hardware() -> dict[str, str]:
+    """CPU model, logical cores, memory and GPUs of the machine that builds the report."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "logical cores": str(os.cpu_count()),
+    }
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        info["memory"] = f"{pages / 2**30:.1f} GiB"
+    except (ValueError, OSError, AttributeError):
+        pass
+    gpus = "none"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpus = ", ".join(
+                torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())
+            )
+    except Exception:  # no torch, or a broken driver: the report still builds
+        gpus = "unknown"
+    info["gpus"] = gpus
+    return info
+
+
+def git_commit(folder: Path) -> str | None:
+    try:
+        proc = subprocess.run(
+            ["git", "-C", str(folder), "describe", "--always", "--dirty", "--abbrev=12"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        return None
+    return proc.stdout.strip() or None
+
+
+_SKIP_DIRS = {"tables", "figures", "data"}
+
+
+def stage_times(results: Path | None, models: Path | None = None) -> list[dict]:
+    """Wall time per stage: cells per top-level folder of ``results`` (from their Parquet metadata)
+    and toy training runs under ``models`` (from ``ropelens_train.json``)."""
+    import pyarrow.parquet as pq
+
+    rows: list[dict] = []
+    if models is not None and Path(models).is_dir():
+        runs = sorted(Path(models).rglob("ropelens_train.json"))
+        seconds, devices = 0.0, set()
+        for p in runs:
+            try:
+                s = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+            seconds += float(s.get("seconds") or 0.0)
+            if s.get("device"):
+                devices.add(str(s["device"]))
+        if runs:
+            rows.append(
+                dict(
+                    stage="toy training",
+                    items=len(runs),
+                    load_s=None,
+                    compute_s=seconds,
+                    total_s=seconds,
+                    devices=", ".join(sorted(devices)) or "—",
+                )
+            )
+    if results is None or not Path(results).is_dir():
+        return rows
+    for folder in sorted(p for p in Path(results).iterdir() if p.is_dir()):
+        if folder.name in _SKIP_DIRS:
+            continue
+        n, load, compute, devices = 0, 0.0, 0.0, {}
+        for cell in sorted(folder.rglob("*.parquet")):
+            try:
+                meta = pq.read_schema(cell).metadata or {}
+            except Exception:
+                continue
+            meta = {k.decode(): v.decode() for k, v in meta.items()}
+            if "ropelens.compute_seconds" not in meta:
+                continue
+            n += 1
+            load += float(meta.get("ropelens.load_seconds", 0) or 0)
+            compute += float(meta["ropelens.compute_seconds"] or 0)
+            dev = meta.get("ropelens.device", "?")
+            devices[dev] = devices.get(dev, 0) + 1
+        if n:
+            rows.append(
+                dict(
+                    stage=f"{folder.name} cells",
+                    items=n,
+                    load_s=load,
+                    compute_s=compute,
+                    total_s=load + compute,
+                    devices=", ".join(f"{d} ×{c}" for d, c in sorted(devices.items())),
+                )
+            )
+    return rows
+
+
+def _kv_table(pairs: dict) -> str:
+    body = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in pairs.items())
+    return f'<table class="kv"><tbody>{body}</tbody></table>'
+
+
+def _seconds(s) -> str:
+    return "—" if s is None else f"{s:,.1f}"
+
+
+def provenance_html(
+    config: dict | None, results: Path | None, models: Path | None, source: Path | None
+) -> str:
+    parts = ["<h3>Run</h3>"]
+    run = {
+        "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "ropelens": __version__,
+    }
+    if config is not None:
+        run["config hash (sha256)"] = config_hash(config)
+    commit = git_commit(source) if source is not None else None
+    if commit:
+        run["source (git)"] = commit
+    parts.append(_kv_table(run))
+    times = stage_times(results, models)
+    parts.append("<h3>Wall time per stage</h3>")
+    if times:
+        head = "".join(
+            f"<th>{h}</th>" for h in ("stage", "items", "load s", "compute s", "total s", "devices")
+        )
+        body = "".join(
+            f"<tr><th>{_esc(r['stage'])}</th><td>{r['items']}</td><td>{_seconds(r['load_s'])}</td>"
+            f"<td>{_seconds(r['compute_s'])}</td><td>{_seconds(r['total_s'])}</td>"
+            f"<td>{_esc(r['devices'])}</td></tr>"
+            for r in times
+        )
+        total = sum(r["total_s"] for r in times)
+        blank = "<td></td>"
+        body += f'<tr class="total"><th>all</th>{blank * 3}<td>{_seconds(total)}</td>{blank}</tr>'
+        parts.append(
+            f'<table class="data" id="stage-times"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table>"
+            '<p class="note">Summed over cells from each cell\'s metadata '
+            "(<code>ropelens.load_seconds</code>, <code>ropelens.compute_seconds</code>) and over "
+            "toy training runs (<code>ropelens_train.json</code>); jobs may have run in parallel "
+            "and on other machines (devices column).</p>"
+        )
+    else:
+        parts.append('<p class="note">No cell metadata found.</p>')
+    parts.append("<h3>Packages</h3>")
+    parts.append(_kv_table(package_versions()))
+    parts.append("<h3>Hardware (machine that built this report)</h3>")
+    parts.append(_kv_table(hardware()))
+    if config is not None:
+        pretty = json.dumps(config, indent=2, sort_keys=True, default=str)
+        parts.append(
+            f"<details><summary>Resolved config</summary><pre>{_esc(pretty)}</pre></details>"
+        )
+    return "\n".join(parts)
+
+
+# --- the page --------------------------------------------------------------------------------
+
+CSS = """
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#222}
+header{background:#1f3b57;color:#fff;padding:18px 32px}
+header h1{margin:0;font-size:22px} header p{margin:4px 0 0;opacity:.85}
+nav{padding:8px 32px;background:#eef2f6;border-bottom:1px solid #d5dde6}
+nav a{margin-right:16px;color:#1f3b57;text-decoration:none}
+main{padding:8px 32px 48px;max-width:1400px}
+section{border-bottom:1px solid #e3e7ec;padding-bottom:16px}
+h2{margin-top:28px;color:#1f3b57} h3{margin-bottom:6px} h4{margin:14px 0 6px}
+p.caption{max-width:900px;color:#333} p.note{color:#666;font-size:13px}
+figure.chart{margin:16px 0;overflow-x:auto} figure.chart img{max-width:100%}
+figure.chart figcaption{color:#666;font-size:13px}
+figure.chart.live img.fallback{display:none}
+table.data,table.kv{border-collapse:collapse;font-size:13px;margin:6px 0 10px}
+table.data th,table.data td,table.kv th,table.kv td{border:1px solid #d5dde6;padding:3px 8px;
+text-align:right;white-space:nowrap}
+table.data thead th{background:#eef2f6} table.data tbody th,table.kv th{text-align:left}
+table.kv td{text-align:left;white-space:normal} table.data td.t{text-align:left}
+tr.total th,tr.total td{font-weight:bold}
+div.scroll{overflow-x:auto;max-width:100%} details{margin:6px 0}
+summary{cursor:pointer;color:#1f3b57}
+pre{background:#f6f8fa;padding:8px;overflow-x:auto;font-size:12px}
+"""
+
+EMBED_JS = """
+(function () {
+  var charts = Array.prototype.slice.call(document.querySelectorAll(".vega-chart"));
+  function done(ok, failed) {
+    document.body.setAttribute("data-charts", "done");
+    document.body.setAttribute("data-charts-ok", String(ok));
+    document.body.setAttribute("data-charts-failed", String(failed));
+  }
+  if (typeof vegaEmbed !== "function") {
+    charts.forEach(function (el) { el.remove(); });
+    console.warn("ropelens report: Vega-Embed unavailable; showing static PNGs");
+    done(0, charts.length);
+    return;
+  }
+  var ok = 0, failed = 0;
+  var jobs = charts.map(function (el) {
+    var spec = JSON.parse(document.getElementById(el.dataset.specId).textContent);
+    var opts = {renderer: "svg", actions: {export: true, source: true, compiled: false,
+                editor: false}};
+    return vegaEmbed(el, spec, opts).then(function () {
+      ok += 1;
+      el.closest("figure").classList.add("live");
+    }).catch(function (err) {
+      failed += 1;
+      el.remove();
+      console.warn("ropelens report: chart " + el.dataset.specId + " shows its PNG: " + err);
+    });
+  });
+  Promise.all(jobs).then(function () { done(ok, failed); });
+})();
+"""
+
+
+def _vegalite_version(specs: list[dict]) -> str | None:
+    import vl_convert as vlc
+
+    known = vlc.get_vegalite_versions()
+    for spec in specs:
+        m = re.search(r"/v(\d+)\.(\d+)", str(spec.get("$schema", "")))
+        if m and f"{m.group(1)}.{m.group(2)}" in known:
+            return f"{m.group(1)}.{m.group(2)}"
+    return None
+
+
+def _bundle(specs: list[dict]) -> str:
+    import vl_convert as vlc
+
+    js = vlc.javascript_bundle(vl_version=_vegalite_version(specs))
+    return re.sub(r"</(script)", r"<\\/\1", js, flags=re.IGNORECASE)
+
+
+def render(
+    files,
+    out: str | os.PathLike,
+    captions_dir: str | os.PathLike | None = None,
+    config: dict | None = None,
+    results_dir: str | os.PathLike | None = None,
+    models_dir: str | os.PathLike | None = None,
+    title: str = "ropelens report",
+    source_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Write the report for ``files`` to ``out`` atomically; returns ``out``."""
+    out = Path(out)
+    base = out.parent
+    sections = assign(files)
+    captions = Path(captions_dir) if captions_dir else None
+    body, scripts, specs, nav = [], [], [], []
+    index = 0
+    for a in sections:
+        s = a.section
+        nav.append(f'<a href="#{s.key}">{_esc(s.title)}</a>')
+        parts = [f'<section id="{s.key}" data-section="{s.key}">', f"<h2>{_esc(s.title)}</h2>"]
+        parts.append(caption_html(s, captions))
+        for fig in a.figures:
+            index += 1
+            figure, script = figure_html(fig, index, base)
+            parts.append(figure)
+            if script:
+                scripts.append(script)
+                specs.append(json.loads(fig.spec.read_text(encoding="utf-8")))
+        for t in a.tables:
+            parts.append(table_html(t, base))
+        parts.append("</section>")
+        body.append("\n".join(parts))
+    nav.append('<a href="#provenance">Provenance</a>')
+    body.append(
+        '<section id="provenance" data-section="provenance"><h2>Provenance</h2>'
+        + provenance_html(
+            config,
+            Path(results_dir) if results_dir else None,
+            Path(models_dir) if models_dir else None,
+            Path(source_dir) if source_dir else Path(__file__).resolve().parent,
+        )
+        + "</section>"
+    )
+    cfg_line = f" · config {config_hash(config)[:12]}" if config is not None else ""
+    bundle = f"<script>{_bundle(specs)}</script>" if specs else ""
+    page = f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="generator" content="ropelens {_esc(__version__)}">
+<title>{_esc(title)}</title>
+<link rel="icon" href="data:,">
+<style>{CSS}</style>
+{bundle}
+</head>
+<body>
+<header><h1>{_esc(title)}</h1>
+<p>RoPE context-extension methods seen through attention (after Zhong et al. 2024){cfg_line}</p>
+</header>
+<nav>{" ".join(nav)}</nav>
+<main>
+{"".join(body)}
+</main>
+{"".join(scripts)}
+<script>{EMBED_JS}</script>
+</body>
+</html>
+"""
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out)
+    return out

@@ -1,0 +1,239 @@
+"""Needle-in-a-Haystack cells with attention entropy, and the entropy–failure analysis.
+
+A cell is one (model, method, length, depth): build the prompt (:mod:`ropelens.needle`), decode
+greedily with a KV cache, and — with the streaming statistics engine — record the attention of the
+*answering queries* (the last prompt token and every generated token) over the whole context: per
+layer × head, the entropy and the mass on the needle span. The paper's Fig. 4/5 annotate each cell
+with the mean of that entropy; its finding is that failures come with high entropy.
+
+A cell that cannot run (out of memory, a length too short for the prompt) is still written, with a
+``status`` that says why, so the grid never silently loses a cell.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+OK = "ok"
+
+
+def depth_label(depth: float) -> str:
+    """Depth as it appears in paths and wildcards: 50 -> '50', 12.5 -> '12.5'."""
+    return f"{float(depth):g}"
+
+
+def _greedy_recorded(model, prompt_ids, max_new_tokens: int, eos_token_id, spec):
+    """Greedy decoding under :func:`ropelens.attention.record_attention` (only the logits of the
+    last position are computed, so long prompts do not materialise ``length × vocab`` logits)."""
+    import torch
+
+    from ropelens.attention import record_attention
+
+    device = next(model.parameters()).device
+    x = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    out: list[int] = []
+    past = None
+    with record_attention(model, spec) as rec, torch.no_grad():
+        for _ in range(max_new_tokens):
+            res = model(input_ids=x, past_key_values=past, use_cache=True, logits_to_keep=1)
+            past = res.past_key_values
+            nxt = int(res.logits[0, -1].argmax())
+            if eos_token_id is not None and nxt == eos_token_id:
+                break
+            out.append(nxt)
+            x = torch.tensor([[nxt]], device=device)
+    return out, rec.table()
+
+
+def run_cell(model, tokenizer, haystack, length: int, depth: float, settings: dict) -> dict:
+    """Column lists of one needle cell (without the grid/method columns)."""
+    from ropelens import needle
+    from ropelens.attention import StatsSpec
+    from ropelens.errors import DataError
+
+    template = needle.Template(**settings.get("template", {}))
+    seed = needle.cell_seed(length, depth, settings.get("seed", 0))
+    try:
+        prompt = needle.build_prompt(tokenizer, haystack, length, depth, seed, template)
+    except DataError as e:
+        return _failed_cell(length, depth, "prompt_error", str(e))
+    spec = StatsSpec(
+        position_bins=settings.get("position_bins", 16),
+        distance_bins=settings.get("distance_bins", 20),
+        spans=[prompt.needle_span],
+        query_start=length - 1,  # the last prompt token and every generated token
+        memory_budget_bytes=settings.get("memory_budget_mb", 256) * 2**20,
+    )
+    max_new = settings.get("max_new_tokens") or len(prompt.target_ids) + 4
+    try:
+        new, stats = _greedy_recorded(
+            model, prompt.input_ids, max_new, tokenizer.eos_token_id, spec
+        )
+    except Exception as e:  # CUDA OOM is a RuntimeError subclass; CPU raises RuntimeError too
+        if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
+            return _failed_cell(length, depth, "oom", str(e).strip().splitlines()[0], prompt)
+        raise
+    text = tokenizer.decode(new)
+    graded = needle.score(text, prompt.answer)
+    n = stats.num_rows
+    entropy = stats.column("entropy_mean").to_numpy()
+    needle_mass = [m[0] for m in stats.column("span_mass").to_pylist()]
+    return {
+        "depth": [float(depth)] * n,
+        "actual_depth": [prompt.actual_depth] * n,
+        "prompt_tokens": [len(prompt.input_ids)] * n,
+        "needle_start": [prompt.needle_span[0]] * n,
+        "needle_end": [prompt.needle_span[1]] * n,
+        "answer": [prompt.answer] * n,
+        "generated": [text] * n,
+        "predicted": [graded.predicted] * n,
+        "score": [graded.score] * n,
+        "passed": [graded.exact] * n,
+        "status": [OK] * n,
+        "error": [None] * n,
+        "mean_entropy": [float(np.nanmean(entropy))] * n,
+        "mean_needle_mass": [float(np.nanmean(needle_mass))] * n,
+        "answering_queries": stats.column("n_queries").to_pylist(),
+        "layer": stats.column("layer").to_pylist(),
+        "head": stats.column("head").to_pylist(),
+        "entropy": entropy.tolist(),
+        "needle_mass": needle_mass,
+    }
+
+
+def _failed_cell(length, depth, status, error, prompt=None) -> dict:
+    """One row, no per-head statistics: the cell exists and says why it has no result."""
+    return {
+        "depth": [float(depth)],
+        "actual_depth": [prompt.actual_depth if prompt else None],
+        "prompt_tokens": [len(prompt.input_ids) if prompt else None],
+        "needle_start": [prompt.needle_span[0] if prompt else None],
+        "needle_end": [prompt.needle_span[1] if prompt else None],
+        "answer": [prompt.answer if prompt else None],
+        "generated": [None],
+        "predicted": [None],
+        "score": [None],
+        "passed": [False],
+        "status": [status],
+        "error": [error],
+        "mean_entropy": [None],
+        "mean_needle_mass": [None],
+        "answering_queries": [None],
+        "layer": [None],
+        "head": [None],
+        "entropy": [None],
+        "needle_mass": [None],
+    }
+
+
+# --- aggregates -----------------------------------------------------------------------------------
+
+
+def cell_frame(cell_paths):
+    """One row per needle cell (the per-head rows collapsed)."""
+    from ropelens import schemas
+    from ropelens.io import read_cells
+
+    df = read_cells(cell_paths, schemas.NEEDLE).to_pandas()
+    keys = ["model", "method", "length", "depth"]
+    return df.drop_duplicates(keys).drop(
+        columns=["layer", "head", "entropy", "needle_mass", "answering_queries"]
+    )
+
+
+def auroc(scores, positives) -> float:
+    """Area under the ROC curve of ``scores`` for predicting ``positives`` (ties count half).
+
+    NaN when one class is empty. Equivalent to the Mann–Whitney U statistic / (n_pos · n_neg).
+    """
+    s = np.asarray(scores, dtype=float)
+    y = np.asarray(positives, dtype=bool)
+    pos, neg = s[y], s[~y]
+    if len(pos) == 0 or len(neg) == 0:
+        return math.nan
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def summary_table(cells):
+    """Per (model, method) and pooled per model: pass rate, entropy of passed vs failed cells and
+    the AUROC of mean entropy as a predictor of failure."""
+    import pandas as pd
+
+    ok = cells[cells["status"] == OK]
+    rows = []
+    groups = [((m, x), g) for (m, x), g in ok.groupby(["model", "method"], sort=True)]
+    groups += [((m, "(all methods)"), g) for m, g in ok.groupby("model", sort=True)]
+    for (model, method), g in groups:
+        passed = g["passed"].astype(bool)
+        rows.append(
+            {
+                "model": model,
+                "method": method,
+                "cells": int(len(g)),
+                "failed_status": int(
+                    ((cells["model"] == model) & (cells["status"] != OK)).sum()
+                    if method == "(all methods)"
+                    else (
+                        (cells["model"] == model)
+                        & (cells["method"] == method)
+                        & (cells["status"] != OK)
+                    ).sum()
+                ),
+                "pass_rate": float(passed.mean()),
+                "mean_score": float(g["score"].mean()),
+                "entropy_passed": float(g.loc[passed, "mean_entropy"].mean()),
+                "entropy_failed": float(g.loc[~passed, "mean_entropy"].mean()),
+                "auroc_entropy_failure": auroc(g["mean_entropy"], ~passed),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def cpt_table(cells):
+    """Per model × base method × continual-pretraining length (training-free: 0): mean entropy
+    and pass rate, overall and beyond the shortest continual-pretraining length of that method."""
+    import pandas as pd
+
+    ok = cells[cells["status"] == OK].copy()
+    ok["cpt"] = ok["cpt_length"].fillna(0).astype(int)
+    rows = []
+    for (model, base), g in ok.groupby(["model", "registry_method"], sort=True):
+        trained = sorted(x for x in g["cpt"].unique() if x > 0)
+        beyond = trained[0] if trained else int(g["pretrained_length"].iloc[0])
+        for cpt, h in g.groupby("cpt", sort=True):
+            far = h[h["length"] > beyond]
+            rows.append(
+                {
+                    "model": model,
+                    "registry_method": base,
+                    "cpt_length": int(cpt),
+                    "methods": ", ".join(sorted(h["method"].unique())),
+                    "cells": int(len(h)),
+                    "mean_entropy": float(h["mean_entropy"].mean()),
+                    "pass_rate": float(h["passed"].mean()),
+                    "beyond_length": beyond,
+                    "mean_entropy_beyond": float(far["mean_entropy"].mean())
+                    if len(far)
+                    else math.nan,
+                    "pass_rate_beyond": float(far["passed"].mean()) if len(far) else math.nan,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def markdown(df, floats: str = "{:.3f}") -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in df.itertuples(index=False):
+        cells = []
+        for v in row:
+            if isinstance(v, float):
+                cells.append("—" if v != v else floats.format(v))
+            else:
+                cells.append(str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,390 @@
+"""Streaming attention statistics against an eager reference computed with plain loops."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.modeling_utils import AttentionInterface
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from ropelens import attention as att
+from ropelens.attention import StatsSpec, js_divergence, record_attention
+
+TOL = 1e-4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small and fast on a shared machine; the worker-thread path is tested explicitly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(kv_heads=4, layers=2, seed=0):
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # sharper attention than the default init, so the statistics vary
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(12.0)
+            layer.self_attn.k_proj.weight.mul_(12.0)
+    return model
+
+
+def ids(batch, length, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 300, (batch, length), generator=g)
+
+
+def eager_probs(model, input_ids, attention_mask=None):
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(input_ids, attention_mask=attention_mask, output_attentions=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    return [a.double().numpy() for a in out.attentions]
+
+
+def reference(probs, spec, valid=None, keys_in_call=None):
+    """Statistics from full (B, H, L, L) probabilities, one query at a time.
+
+    valid[b, i]: whether query i of item b counts; keys_in_call(i): Lk of the call holding query i.
+    """
+    rows = []
+    for layer, a in enumerate(probs):
+        B, H, L, _ = a.shape
+        for h in range(H):
+            n, ent, last = 0, 0.0, []
+            pos = np.zeros(spec.position_bins)
+            dist = np.zeros(spec.distance_bins)
+            span = np.zeros(len(spec.spans))
+            for b in range(B):
+                for i in range(L):
+                    ok = valid is None or valid[b, i]
+                    if not ok or i < spec.query_start:
+                        continue
+                    lk = L if keys_in_call is None else keys_in_call(i)
+                    p = a[b, h, i, :lk]
+                    e = -sum(x * math.log(x) for x in p if x > 0)
+                    n += 1
+                    ent += e
+                    if i == L - 1:
+                        last.append(e)
+                    for k in range(lk):
+                        pos[(k * spec.position_bins) // lk] += p[k]
+                        d = i - k
+                        if d >= 0:
+                            bi = 0 if d == 0 else int(math.floor(math.log2(d))) + 1
+                            dist[min(bi, spec.distance_bins - 1)] += p[k]
+                    for s, (st, en) in enumerate(spec.spans):
+                        span[s] += p[max(st, 0) : max(min(en, lk), 0)].sum()
+            rows.append(
+                dict(
+                    layer=layer,
+                    head=h,
+                    n_queries=n,
+                    entropy_mean=ent / n if n else math.nan,
+                    entropy_last=float(np.mean(last)) if last else math.nan,
+                    pos_mass=pos / n,
+                    dist_mass=dist / n,
+                    span_mass=span / n,
+                )
+            )
+    return rows
+
+
+def assert_matches(table, ref, tol=TOL):
+    got = table.to_pylist()
+    assert len(got) == len(ref)
+    for g, r in zip(got, ref):
+        assert (g["layer"], g["head"], g["n_queries"]) == (r["layer"], r["head"], r["n_queries"])
+        for k in ("entropy_mean", "entropy_last"):
+            if math.isnan(r[k]):
+                assert math.isnan(g[k]), k
+            else:
+                assert abs(g[k] - r[k]) < tol, (k, g[k], r[k])
+        for k in ("pos_mass", "dist_mass", "span_mass"):
+            np.testing.assert_allclose(g[k], r[k], atol=tol, rtol=0, err_msg=k)
+
+
+def run_stats(model, input_ids, spec, attention_mask=None):
+    with torch.no_grad(), record_attention(model, spec) as rec:
+        logits = model(input_ids, attention_mask=attention_mask).logits
+    return rec, logits
+
+
+@pytest.mark.parametrize("kv_heads,length", [(4, 37), (2, 70), (1, 53)])
+def test_matches_eager_and_sdpa(kv_heads, length):
+    model = make_model(kv_heads=kv_heads, layers=3 if kv_heads == 2 else 2)
+    x = ids(1, length)
+    spec = StatsSpec(position_bins=7, distance_bins=6, spans=[(3, 11), (30, 90), (-5, 2)])
+    rec, logits = run_stats(model, x, spec)
+    assert model.config._attn_implementation == "sdpa"  # restored
+    with torch.no_grad():
+        ref_logits = model(x).logits
+    assert (logits - ref_logits).abs().max().item() < 1e-5
+    assert_matches(rec.table(), reference(eager_probs(model, x), spec))
+    t = rec.table()
+    assert t.num_rows == model.config.num_hidden_layers * 4
+    pos = np.array(t.column("pos_mass").to_pylist())
+    np.testing.assert_allclose(pos.sum(1), 1.0, atol=1e-6)
+    # the sharpened model has heads that differ, so the comparison above is not vacuous
+    assert np.ptp(t.column("entropy_mean").to_numpy()) > 0.1
+
+
+def test_chunking_equals_single_chunk():
+    model = make_model(kv_heads=2)
+    x = ids(2, 130)
+    spec = StatsSpec(spans=[(10, 20)], distance_bins=9)
+    rec_one, logits_one = run_stats(model, x, spec)
+    small = StatsSpec(spans=[(10, 20)], distance_bins=9, memory_budget_bytes=200_000)
+    rows = att.chunk_rows(small, 2, 4, 130, cpu=True)
+    assert 1 < rows < 130 // 4
+    rec_many, logits_many = run_stats(model, x, small)
+    assert rec_one.chunks == 2 and rec_many.chunks == 2 * math.ceil(130 / rows)
+    assert (logits_one - logits_many).abs().max().item() < 1e-5
+    a, b = rec_one.table().to_pylist(), rec_many.table().to_pylist()
+    for r1, r2 in zip(a, b):
+        for k, v in r1.items():
+            np.testing.assert_allclose(v, r2[k], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("block", [3, 4])
+def test_block_prefix_sums(monkeypatch, block):
+    """Long rows take prefix sums from key blocks plus a gathered partial block."""
+    monkeypatch.setattr(att, "BLOCK", block)
+    model = make_model(kv_heads=2)
+    x = ids(2, 130)
+    spec = StatsSpec(position_bins=5, distance_bins=8, spans=[(7, 50)], memory_budget_bytes=100_000)
+    n_bounds = spec.position_bins + 1 + 2 * len(spec.spans) + spec.distance_bins
+    assert n_bounds * block < 130 // 2  # most chunks use the block path
+    rec, _ = run_stats(model, x, spec)
+    assert rec.chunks > 4
+    assert_matches(rec.table(), reference(eager_probs(model, x), spec))
+
+
+def test_worker_threads_match_single_thread():
+    """On CPU with several torch threads, chunks run on a thread pool; results must not change."""
+    model = make_model(kv_heads=2)
+    x = ids(2, 100)
+    mask = torch.ones(2, 100, dtype=torch.long)
+    mask[0, :9] = 0
+    spec = StatsSpec(spans=[(50, 60)], memory_budget_bytes=60_000)
+    rec1, logits1 = run_stats(model, x, spec, attention_mask=mask)
+    torch.set_num_threads(2)
+    try:
+        rec2, logits2 = run_stats(model, x, spec, attention_mask=mask)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    assert rec1.chunks > 2 * 4 and rec2.chunks > 2 * 4  # several chunks per layer
+    assert (logits1 - logits2).abs().max().item() < 1e-6
+    for r1, r2 in zip(rec1.table().to_pylist(), rec2.table().to_pylist()):
+        for k, v in r1.items():
+            np.testing.assert_allclose(v, r2[k], atol=1e-6, rtol=0)
+
+
+def test_left_padding_batch():
+    model = make_model(kv_heads=2)
+    x = ids(2, 60)
+    mask = torch.ones(2, 60, dtype=torch.long)
+    mask[1, :17] = 0  # item 1 is left-padded
+    x[1, :17] = 0
+    spec = StatsSpec(position_bins=5, distance_bins=8, spans=[(20, 30)], memory_budget_bytes=50_000)
+    rec, logits = run_stats(model, x, spec, attention_mask=mask)
+    with torch.no_grad():
+        ref_logits = model(x, attention_mask=mask).logits
+    real = mask.bool()
+    assert (logits - ref_logits)[real].abs().max().item() < 1e-5
+    ref = reference(eager_probs(model, x, mask), spec, valid=real.numpy())
+    assert ref[0]["n_queries"] == 60 + 43
+    assert_matches(rec.table(), ref)
+
+
+def test_query_start_and_spans():
+    model = make_model(kv_heads=1)
+    x = ids(1, 90)
+    spec = StatsSpec(
+        spans=[(40, 45), (0, 1), (85, 200)], query_start=80, memory_budget_bytes=30_000
+    )
+    rec, _ = run_stats(model, x, spec)
+    ref = reference(eager_probs(model, x), spec)
+    assert ref[0]["n_queries"] == 10
+    assert_matches(rec.table(), ref)
+    spec_late = StatsSpec(query_start=1000)
+    rec_late, _ = run_stats(model, x, spec_late)
+    t = rec_late.table().to_pylist()
+    assert all(r["n_queries"] == 0 and math.isnan(r["entropy_mean"]) for r in t)
+
+
+def test_generation_with_kv_cache():
+    model = make_model(kv_heads=2)
+    prompt = ids(1, 41)
+    new = 6
+    spec = StatsSpec(position_bins=6, distance_bins=8, spans=[(5, 9)], query_start=40)
+    with torch.no_grad():
+        plain = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        with record_attention(model, spec) as rec:
+            seq = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    assert torch.equal(seq, plain) and seq.shape[1] == 41 + new
+    fed = seq[:, :-1]  # the last generated token is never fed back
+    probs = eager_probs(model, fed)
+    ref = reference(probs, spec, keys_in_call=lambda i: 41 if i < 41 else i + 1)
+    assert ref[0]["n_queries"] == new
+    assert_matches(rec.table(), ref)
+
+
+def test_bf16_close_to_fp32():
+    model = make_model(kv_heads=2)
+    x = ids(1, 64)
+    spec = StatsSpec(position_bins=4, distance_bins=7, spans=[(0, 8)])
+    rec32, _ = run_stats(model, x, spec)
+    model.to(torch.bfloat16)
+    rec16, logits16 = run_stats(model, x, spec)
+    with torch.no_grad():
+        ref16 = model(x).logits
+    assert logits16.dtype == torch.bfloat16
+    assert (logits16.float() - ref16.float()).abs().max().item() < 0.1
+    for r32, r16 in zip(rec32.table().to_pylist(), rec16.table().to_pylist()):
+        assert r16["n_queries"] == r32["n_queries"]
+        assert abs(r16["entropy_mean"] - r32["entropy_mean"]) < 0.15
+        for k in ("pos_mass", "dist_mass", "span_mass"):
+            np.testing.assert_allclose(r16[k], r32[k], atol=0.05)
+    acc = rec16.layers[0]["sums"]
+    assert acc.dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_float_mask_direct(monkeypatch, dtype):
+    """Additive float mask (with a bias and a non-causal pattern) through the function itself."""
+    B, H, Hkv, L, D = 2, 4, 2, 50, 16
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, n, L, D, generator=g) * 2 for n in (H, Hkv, Hkv))
+    pos = torch.arange(L)
+    mask = -0.05 * (pos[:, None] - pos[None, :]).abs().float()
+    hidden = (pos[None, :] > pos[:, None] + 3) | (torch.rand(L, L, generator=g) < 0.2)
+    fmin = torch.finfo(dtype).min  # as transformers builds additive masks
+    mask = mask.masked_fill(hidden, fmin).expand(B, 1, L, L).clone()
+    mask[1, :, 5] = fmin  # one fully masked query
+    mask = mask.to(dtype)
+    module = torch.nn.Module()
+    module.layer_idx, module.is_causal, module.num_key_value_groups = 0, True, H // Hkv
+    spec = StatsSpec(position_bins=6, distance_bins=7, spans=[(10, 20)], memory_budget_bytes=40_000)
+    rec = att.AttentionRecorder(spec)
+    monkeypatch.setattr(att, "_ACTIVE", rec)
+    args = [t.to(dtype) for t in (q, k, v)]
+    out, _ = att.stats_attention_forward(module, *args, mask, scaling=D**-0.5)
+    assert rec.chunks > 2 and out.dtype == dtype and out.shape == (B, L, H, D)
+    kr, vr = (t.repeat_interleave(H // Hkv, 1) for t in args[1:])
+    sdpa = torch.nn.functional.scaled_dot_product_attention(args[0], kr, vr, mask)
+    sdpa = sdpa.transpose(1, 2).double()
+    a64, k64, v64 = (t.double() for t in args)
+    logits = a64 @ k64.repeat_interleave(2, 1).transpose(-1, -2) * D**-0.5
+    probs = torch.softmax(logits + mask.double(), -1)
+    exact = (probs @ v64.repeat_interleave(2, 1)).transpose(1, 2)
+    probs = probs.numpy()
+    if dtype == torch.float32:
+        assert (out.double() - sdpa).abs().max().item() < 1e-5
+    else:  # fp16: rounded from an fp32 computation, at least as close to exact as SDPA
+        err, err_sdpa = ((t - exact).abs().max().item() for t in (out.double(), sdpa))
+        assert err <= err_sdpa + 1e-4 and err < 2e-3
+    valid = (mask[:, 0] > fmin).any(-1).numpy()
+    assert not valid[1, 5] and valid.sum() == 2 * L - 1
+    assert_matches(rec.table(), reference([probs], spec, valid=valid))
+
+
+def test_inference_only():
+    model = make_model(kv_heads=2)
+    with record_attention(model, StatsSpec()), pytest.raises(RuntimeError, match="no_grad"):
+        model(ids(1, 20))
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_outside_block_is_plain_attention():
+    model = make_model(kv_heads=2)
+    x = ids(1, 33)
+    with torch.no_grad():
+        ref = model(x).logits
+        model.set_attn_implementation(att.ATTN_IMPLEMENTATION)
+        got = model(x).logits
+        model.set_attn_implementation("sdpa")
+    assert (got - ref).abs().max().item() < 1e-5
+
+
+class LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def spy_attention(monkeypatch, name, fn):
+    spy = LargestTensor()
+
+    def wrapped(*args, **kwargs):
+        with spy:
+            return fn(*args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, name, wrapped)
+    return spy
+
+
+def test_no_quadratic_tensor(monkeypatch):
+    # one torch thread: chunks run in this thread, where the (thread-local) dispatch spy sees them
+    model = make_model(kv_heads=2)
+    length, heads = 256, 4
+    x = ids(1, length)
+    full = length * length * heads
+    # the spy sees the full probability tensor when it exists (eager registered under the name)
+    spy = spy_attention(monkeypatch, att.ATTN_IMPLEMENTATION, eager_attention_forward)
+    with torch.no_grad():
+        model.set_attn_implementation(att.ATTN_IMPLEMENTATION)
+        model(x)
+        model.set_attn_implementation("sdpa")
+    assert spy.largest >= full
+    # the statistics attention stays within its chunk
+    spy = spy_attention(monkeypatch, att.ATTN_IMPLEMENTATION, att.stats_attention_forward)
+    spec = StatsSpec(memory_budget_bytes=300_000)
+    rows = att.chunk_rows(spec, 1, heads, length, cpu=True)
+    rec, _ = run_stats(model, x, spec)
+    assert rec.chunks == 2 * math.ceil(length / rows) and rows * heads * length <= full // 8
+    assert 0 < spy.largest <= rows * heads * (length + 1)
+    ref = reference(eager_probs(model, x), spec)
+    assert_matches(rec.table(), ref)
+
+
+def test_js_divergence():
+    p = [0.2, 0.3, 0.5]
+    assert js_divergence(p, p) == pytest.approx(0.0, abs=1e-12)
+    assert js_divergence([1, 0], [0, 1]) == pytest.approx(math.log(2))
+    assert js_divergence([2, 2, 0, 0], [0, 0, 5, 5]) == pytest.approx(math.log(2))
+    q = [0.1, 0.6, 0.3]
+    m = [(a + b) / 2 for a, b in zip(p, q)]
+    kl = lambda a, b: sum(x * math.log(x / y) for x, y in zip(a, b) if x > 0)  # noqa: E731
+    expected = 0.5 * kl(p, m) + 0.5 * kl(q, m)
+    assert js_divergence(p, q) == pytest.approx(expected, rel=1e-12)
+    assert js_divergence(q, p) == pytest.approx(js_divergence(p, q), rel=1e-12)
+    assert js_divergence([1, 1, 0], [2, 2, 0]) == pytest.approx(0.0, abs=1e-12)  # scale-free
