@@ -10,7 +10,12 @@ probabilities and reduces them to:
   and per key span, all read from prefix sums of p evaluated at bin boundaries.
 
 Positions are indices into the key tensor (cache slots, left padding included); query i of a call
-sits at Lk - Lq + i. Queries without any visible key (padding) are not counted.
+sits at Lk - Lq + i. Queries without any visible key (padding) are not counted. Keys after the query
+(non-causal masks) are in no distance bin. Inference only (no autograd through the output).
+
+On CPU with several torch threads, the chunks run on a pool of Python threads with single-threaded
+ops: faster than intra-op threading for these many mid-sized ops, and far more robust on a busy
+machine. Chunks are cache-sized on CPU (CPU_CHUNK_BYTES in all), within the budget everywhere.
 """
 
 from __future__ import annotations
