@@ -249,6 +249,138 @@ def test_generation_with_kv_cache():
     ref = reference(probs, spec, keys_in_call=lambda i: 41 if i < 41 else i + 1)
     assert ref[0]["n_queries"] == new
     assert_matches(rec.table(), ref)
+    # the prefill's 40 uncounted queries took the fused SDPA; the decoding steps took the chunks
+    assert rec.fast_queries == 40 * model.config.num_hidden_layers
+
+
+FAST_LENGTH = 70
+FAST_SPEC = dict(position_bins=6, distance_bins=8, spans=[(5, 9), (30, 66)])
+FAST_BUDGET = 60_000  # several chunks per layer
+
+
+def fast_starts():
+    """query_start values: none, one uncounted query, a chunk boundary and a point mid-chunk of the
+    slow path (batch 2, 4 heads), all but the last query, and all queries uncounted."""
+    spec = StatsSpec(**FAST_SPEC, memory_budget_bytes=FAST_BUDGET)
+    rows = att.chunk_rows(spec, 2, 4, FAST_LENGTH, cpu=True)
+    assert 2 < rows < FAST_LENGTH // 3
+    L = FAST_LENGTH
+    return dict(zero=0, one=1, boundary=2 * rows, mid=2 * rows + rows // 2, last=L - 1, none=L)
+
+
+FAST_CASES = [
+    ("zero", 1),
+    ("one", 1),
+    ("boundary", 1),
+    ("mid", 1),
+    ("mid", 2),  # chunks on the worker-thread pool
+    ("last", 1),
+    ("none", 1),
+]
+
+
+@pytest.mark.parametrize("where,threads", FAST_CASES)
+def test_fast_path_direct(monkeypatch, where, threads):
+    """Same q, k, v (GQA, fp32) through the function with and without the fast path: statistics
+    within 1e-6, output within 1e-5 of SDPA."""
+    B, H, Hkv, L, D = 2, 4, 2, FAST_LENGTH, 16
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(B, n, L, D, generator=g) * 2 for n in (H, Hkv, Hkv))
+    module = torch.nn.Module()
+    module.layer_idx, module.is_causal, module.num_key_value_groups = 0, True, H // Hkv
+    start = fast_starts()[where]
+    spec = StatsSpec(**FAST_SPEC, query_start=start, memory_budget_bytes=FAST_BUDGET)
+
+    def call(fast):
+        monkeypatch.setattr(att, "FAST_PATH", fast)
+        rec = att.AttentionRecorder(spec)
+        monkeypatch.setattr(att, "_ACTIVE", rec)
+        torch.set_num_threads(threads)
+        try:
+            out, _ = att.stats_attention_forward(module, q, k, v, None, scaling=D**-0.5)
+        finally:
+            torch.set_num_threads(1)
+        return rec, out
+
+    rec, out = call(True)
+    rec_slow, out_slow = call(False)
+    assert rec.fast_queries == start and rec_slow.fast_queries == 0
+    kr, vr = (t.repeat_interleave(H // Hkv, 1) for t in (k, v))
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+    sdpa = sdpa.transpose(1, 2)
+    assert (out - sdpa).abs().max().item() < 1e-5
+    assert (out_slow - sdpa).abs().max().item() < 1e-5
+    got, slow = rec.table().to_pylist(), rec_slow.table().to_pylist()
+    assert got[0]["n_queries"] == B * (L - start)
+    for r, s in zip(got, slow):
+        for key, val in r.items():
+            np.testing.assert_allclose(val, s[key], atol=1e-6, rtol=0, err_msg=key)
+
+
+@pytest.mark.parametrize("where,threads", FAST_CASES)
+def test_fast_path_model(monkeypatch, where, threads):
+    """Through a GQA model: SDPA's logits, the eager reference's statistics, and the slow path's
+    statistics within 1e-6 (entropies 1e-5: from layer 1 on the two paths' inputs differ by
+    fp32 rounding, as their attention outputs do, amplified by the sharpened q/k weights)."""
+    start = fast_starts()[where]
+    spec = StatsSpec(**FAST_SPEC, query_start=start, memory_budget_bytes=FAST_BUDGET)
+    model = make_model(kv_heads=2, layers=3)
+    x = ids(2, FAST_LENGTH)
+    torch.set_num_threads(threads)
+    try:
+        rec, logits = run_stats(model, x, spec)
+        monkeypatch.setattr(att, "FAST_PATH", False)
+        rec_slow, _ = run_stats(model, x, spec)
+    finally:
+        torch.set_num_threads(1)
+    assert rec.fast_queries == model.config.num_hidden_layers * start
+    with torch.no_grad():
+        ref_logits = model(x).logits
+    assert (logits - ref_logits).abs().max().item() < 1e-5
+    for r, s in zip(rec.table().to_pylist(), rec_slow.table().to_pylist()):
+        for key, val in r.items():
+            tol = 1e-5 if key.startswith("entropy") else 1e-6
+            np.testing.assert_allclose(val, s[key], atol=tol, rtol=0, err_msg=key)
+    if start < FAST_LENGTH:  # else nothing is counted (NaN means, as the slow path gives)
+        assert_matches(rec.table(), reference(eager_probs(model, x), spec))
+
+
+def test_fast_path_bf16():
+    model = make_model(kv_heads=2)
+    x = ids(1, 64)
+    spec = StatsSpec(position_bins=4, distance_bins=7, spans=[(0, 8)], query_start=40)
+    rec32, _ = run_stats(model, x, spec)
+    model.to(torch.bfloat16)
+    rec16, logits16 = run_stats(model, x, spec)
+    with torch.no_grad():
+        ref16 = model(x).logits
+    assert rec16.fast_queries == 40 * model.config.num_hidden_layers
+    assert logits16.dtype == torch.bfloat16
+    assert (logits16.float() - ref16.float()).abs().max().item() < 0.1
+    for r32, r16 in zip(rec32.table().to_pylist(), rec16.table().to_pylist()):
+        assert r16["n_queries"] == r32["n_queries"] == 24
+        assert abs(r16["entropy_mean"] - r32["entropy_mean"]) < 0.15
+        for k in ("pos_mass", "dist_mass", "span_mass"):
+            np.testing.assert_allclose(r16[k], r32[k], atol=0.05)
+
+
+def test_padded_batch_skips_fast_path(monkeypatch):
+    """With an attention mask (padding) every query goes through the chunks, as before."""
+    model = make_model(kv_heads=2)
+    x = ids(2, 60)
+    mask = torch.ones(2, 60, dtype=torch.long)
+    mask[1, :17] = 0
+    spec = StatsSpec(spans=[(20, 30)], query_start=30, memory_budget_bytes=50_000)
+    rec, logits = run_stats(model, x, spec, attention_mask=mask)
+    monkeypatch.setattr(att, "FAST_PATH", False)
+    rec_slow, logits_slow = run_stats(model, x, spec, attention_mask=mask)
+    assert rec.fast_queries == 0 and rec.chunks == rec_slow.chunks
+    assert torch.equal(logits, logits_slow)
+    assert rec.table().equals(rec_slow.table())
+    real = mask.bool()
+    ref = reference(eager_probs(model, x, mask), spec, valid=real.numpy())
+    assert ref[0]["n_queries"] == 2 * 30
+    assert_matches(rec.table(), ref)
 
 
 def test_bf16_close_to_fp32():

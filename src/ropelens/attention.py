@@ -16,6 +16,11 @@ sits at Lk - Lq + i. Queries without any visible key (padding) are not counted. 
 On CPU with several torch threads, the chunks run on a pool of Python threads with single-threaded
 ops: faster than intra-op threading for these many mid-sized ops, and far more robust on a busy
 machine. Chunks are cache-sized on CPU (CPU_CHUNK_BYTES in all), within the budget everywhere.
+
+Fast path: in a causal prefill without mask (queries and keys both at positions 0..L-1), the leading
+queries before ``StatsSpec.query_start`` need only the keys before them and are not counted, so
+their output comes from the fused SDPA kernel on that prefix (exact, in the input dtype); only the
+counted queries go through the statistics chunks.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from transformers.modeling_utils import AttentionInterface
 ATTN_IMPLEMENTATION = "ropelens_stats"
 BLOCK = 32  # key block width for the prefix sums (partial blocks are gathered)
 CPU_CHUNK_BYTES = 16 * 2**20  # CPU chunks' logits + probabilities: cache-sized is much faster
+FAST_PATH = True  # uncounted leading queries of a causal unmasked prefill via fused SDPA
 
 
 @dataclass
@@ -60,6 +66,7 @@ class AttentionRecorder:
         self.layers: dict[int, dict[str, torch.Tensor]] = {}
         self.calls = 0
         self.chunks = 0
+        self.fast_queries = 0  # queries (per batch item) whose output came from fused SDPA
 
     def _acc(self, layer: int, heads: int, device: torch.device) -> dict[str, torch.Tensor]:
         if layer not in self.layers:
@@ -202,14 +209,32 @@ def stats_attention_forward(
     counted = positions >= spec.query_start
     lane = torch.arange(BLOCK, device=dev)
 
+    out = torch.empty(B, Lq, H, Dv, dtype=query.dtype, device=dev)
+    # Fast path: with queries and keys both at 0..Lq-1 (off == 0), causal and unmasked, queries
+    # [0, fast) see only keys [0, fast), so fused SDPA on that prefix gives exactly their output.
+    # They are not counted, so they need no statistics. Masks and decoding steps keep the chunks.
+    fast = 0
+    if FAST_PATH and off == 0 and is_causal and attention_mask is None:
+        fast = min(max(spec.query_start, 0), Lq)
+    if fast:
+        o = torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, :fast],
+            key[:, :, :fast],
+            value[:, :, :fast],
+            is_causal=True,
+            scale=scaling,
+            enable_gqa=g > 1,
+        )
+        out[:, :fast] = o.transpose(1, 2)
+        rec.fast_queries += fast
+
     # CPU: chunks run on a pool of Python threads with single-threaded ops, which beats intra-op
     # threading here (many mid-sized ops, each its own parallel region), above all on busy machines
     cpu = dev.type == "cpu"
-    workers = torch.get_num_threads() if cpu and Lq > 1 else 1
-    rows = min(Lq, chunk_rows(spec, B, H, Lk, workers, cpu))
-    starts = range(0, Lq, rows)
+    workers = torch.get_num_threads() if cpu and Lq - fast > 1 else 1
+    rows = min(Lq - fast, chunk_rows(spec, B, H, Lk, workers, cpu)) if fast < Lq else 1
+    starts = range(fast, Lq, rows)  # the counted queries, chunk by chunk
     workers = min(workers, len(starts))
-    out = torch.empty(B, Lq, H, Dv, dtype=query.dtype, device=dev)
     buffers = threading.local()
 
     def chunk(c0: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,9 +316,11 @@ def stats_attention_forward(
             torch.set_num_threads(threads)
     else:
         results = [chunk(c0) for c0 in starts]
-    acc["sums"] += torch.stack([sums for sums, _ in results]).sum(0)
-    cnt, last = results[-1][1].unbind(-1)
-    acc["entropy_last"] = torch.where(cnt > 0, last / cnt.clamp(min=1), acc["entropy_last"])
+    if results:  # none when the fast path took every query (none counted)
+        acc["sums"] += torch.stack([sums for sums, _ in results]).sum(0)
+        # the last chunk holds the call's last query
+        cnt, last = results[-1][1].unbind(-1)
+        acc["entropy_last"] = torch.where(cnt > 0, last / cnt.clamp(min=1), acc["entropy_last"])
     return out, None
 
 
