@@ -38,6 +38,12 @@ def parse_args(argv):
     ap.add_argument("--repeat", type=int, default=3, help="timed forwards per mode (min)")
     ap.add_argument("--budget-bytes", type=int, default=256 * 2**20, help="StatsSpec budget")
     ap.add_argument(
+        "--query-fraction",
+        type=float,
+        default=1.0,
+        help="counted queries: the last int(L * F) (StatsSpec.query_start = L - int(L * F))",
+    )
+    ap.add_argument(
         "--eager-max-bytes",
         type=float,
         default=8 * 2**30,
@@ -88,7 +94,11 @@ def worker(args, job: str, length: int) -> dict:
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval().to(device=args.device, dtype=getattr(torch, args.dtype))
     ids = torch.randint(0, args.vocab, (args.batch, length), device=args.device)
-    spec = StatsSpec(spans=[(length // 2, length // 2 + 16)], memory_budget_bytes=args.budget_bytes)
+    spec = StatsSpec(
+        spans=[(length // 2, length // 2 + 16)],
+        query_start=length - int(length * args.query_fraction),
+        memory_budget_bytes=args.budget_bytes,
+    )
 
     def forward(mode):
         if mode == "stats":
@@ -193,7 +203,9 @@ def main(argv=None):
         f"Model: LLaMA, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, "
         f"{args.kv_heads} kv heads, intermediate {args.intermediate}, vocab {args.vocab}, random "
         f"weights, {args.dtype}, batch {args.batch}, {args.device}, {args.threads} threads, "
-        f"torch {torch.__version__}. Seconds: one forward, min of {args.repeat} after a warm-up; "
+        f"torch {torch.__version__}. Statistics over the last {args.query_fraction:g} of the "
+        "queries (StatsSpec.query_start = L - int(L * fraction)). Seconds: one forward, min of "
+        f"{args.repeat} after a warm-up; "
         "SDPA and stats alternate in one process, eager runs in its own. Peak: increase of peak "
         f"{unit} over the state before the forward, one fresh process per mode (process baseline "
         f"{mib(base or 0)} MiB). CPU wait: Linux PSI cpu some avg60 before / after the "
