@@ -217,13 +217,12 @@ def stats_attention_forward(
     if FAST_PATH and off == 0 and is_causal and attention_mask is None:
         fast = min(max(spec.query_start, 0), Lq)
     if fast:
+        # GQA: repeat the kv heads (enable_gqa needs torch >= 2.5; pyproject allows 2.4)
+        k_fast, v_fast = key[:, :, :fast], value[:, :, :fast]
+        if g > 1:
+            k_fast, v_fast = k_fast.repeat_interleave(g, 1), v_fast.repeat_interleave(g, 1)
         o = torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, :fast],
-            key[:, :, :fast],
-            value[:, :, :fast],
-            is_causal=True,
-            scale=scaling,
-            enable_gqa=g > 1,
+            query[:, :, :fast], k_fast, v_fast, is_causal=True, scale=scaling
         )
         out[:, :fast] = o.transpose(1, 2)
         rec.fast_queries += fast
