@@ -14,3 +14,86 @@ rule tiny_model:
     shell:
         "python -m ropelens make-tiny --out {output} --pretrained-length {params.pretrained_length}"
         " --spec {params.spec:q} 2> {log}"
+
+
+# The toy model zoo (src/ropelens/toy.py): a small LLaMA pretrained with plain RoPE at its
+# pretrained_length L0 (rule pretrain), then continually pretrained with a method at the method's
+# cpt_length (rule continual). What and how long to train: the config's `train:` blocks.
+
+
+def train_inputs(settings):
+    """Corpus Parquet files a train block reads (LM corpus, haystack corpus)."""
+    out = {"corpus": f"results/data/corpora/{settings['corpus']}.parquet"}
+    if settings.get("haystack"):
+        out["haystack"] = f"results/data/corpora/{settings['haystack']}.parquet"
+    return out
+
+
+def pretrain_settings(wildcards):
+    return config["models"][wildcards.model]["train"]
+
+
+def cpt_settings(wildcards):
+    return config["methods"][wildcards.method]["checkpoints"][wildcards.model]["train"]
+
+
+def continual_inputs(wildcards):
+    inputs = train_inputs(cpt_settings(wildcards))
+    base = rlconfig.model_dir(config, wildcards.model)
+    if base:
+        inputs["base"] = base
+    return inputs
+
+
+def continual_spec(wildcards):
+    """The cell spec of (model, method) with the base model as source: the run loads the base
+    with the method applied exactly as evaluation does."""
+    spec = rlconfig.cell_spec(config, wildcards.model, wildcards.method)
+    return q({**spec, "source": tokenizer_source(wildcards.model)})
+
+
+def haystack_arg(wildcards, input):
+    return f"--haystack {input.haystack}" if "haystack" in input.keys() else ""
+
+
+rule pretrain:
+    input:
+        unpack(lambda wc: train_inputs(pretrain_settings(wc))),
+    output:
+        directory("resources/zoo/{model}/base"),
+    log:
+        "logs/zoo/{model}/base.log",
+    conda:
+        "../envs/ropelens.yaml"
+    threads: lambda wc: pretrain_settings(wc).get("threads", 1)
+    params:
+        settings=lambda wc: q(pretrain_settings(wc)),
+        length=lambda wc: config["models"][wc.model]["pretrained_length"],
+        haystack=haystack_arg,
+        device=config["runtime"]["device"],
+    shell:
+        "python -m ropelens pretrain --settings {params.settings:q} --length {params.length}"
+        " --corpus {input.corpus} {params.haystack} --device {params.device}"
+        " --threads {threads} --out {output} 2> {log}"
+
+
+rule continual:
+    input:
+        unpack(continual_inputs),
+    output:
+        directory("resources/zoo/{model}/cpt/{method}"),
+    log:
+        "logs/zoo/{model}/cpt/{method}.log",
+    conda:
+        "../envs/ropelens.yaml"
+    threads: lambda wc: cpt_settings(wc).get("threads", 1)
+    params:
+        spec=continual_spec,
+        settings=lambda wc: q(cpt_settings(wc)),
+        length=lambda wc: config["methods"][wc.method]["cpt_length"],
+        haystack=haystack_arg,
+        device=config["runtime"]["device"],
+    shell:
+        "python -m ropelens continual --spec {params.spec:q} --settings {params.settings:q}"
+        " --length {params.length} --corpus {input.corpus} {params.haystack}"
+        " --device {params.device} --threads {threads} --out {output} 2> {log}"

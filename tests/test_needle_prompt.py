@@ -1,0 +1,154 @@
+"""Needle prompt construction and scoring (ropelens.needle), on the byte tokenizer."""
+
+import pytest
+import torch
+
+from ropelens import needle
+from ropelens.errors import DataError
+from ropelens.tokenizer import build_byte_tokenizer
+
+HAYSTACK = [
+    "Coroutines are functions. They can be suspended! Are they threads? No.\n"
+    "A second line without an end\nA third line. " * 4,
+    "Another document.\nIt has lines. And sentences.\n" * 6,
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_byte_tokenizer()
+
+
+def decode(tok, ids):
+    return tok.decode(ids)
+
+
+@pytest.mark.parametrize("length", [96, 128, 200, 256, 1000])
+@pytest.mark.parametrize("depth", [0, 10, 25, 50, 75, 99, 100])
+def test_exact_length_span_and_answer(tok, length, depth):
+    p = needle.build_prompt(tok, HAYSTACK, length, depth, seed=needle.cell_seed(length, depth))
+    assert len(p.input_ids) == length == p.length
+    start, end = p.needle_span
+    assert decode(tok, p.input_ids[start:end]) == p.needle_text
+    assert needle.DEFAULT_TEMPLATE.needle.format(answer=p.answer) in p.needle_text
+    assert len(p.answer) == 5 and p.answer.isdigit() and p.answer[0] != "0"
+    assert decode(tok, p.target_ids) == " " + p.answer
+    text = decode(tok, p.input_ids)
+    assert text.endswith(needle.DEFAULT_TEMPLATE.question)
+    assert text.count("magic number is") == 2  # the needle and the question, nothing else
+    assert 0.0 <= p.actual_depth <= 100.0
+
+
+def test_depth_0_is_the_start_and_100_the_end(tok):
+    first = needle.build_prompt(tok, HAYSTACK, 200, 0, seed=1)
+    assert first.needle_span[0] == 0 and first.actual_depth == 0.0
+    last = needle.build_prompt(tok, HAYSTACK, 200, 100, seed=1)
+    question = tok(needle.DEFAULT_TEMPLATE.question, add_special_tokens=False)["input_ids"]
+    assert last.needle_span[1] == 200 - len(question)  # right before the question
+    assert last.actual_depth == 100.0
+
+
+@pytest.mark.parametrize("depth", [5, 20, 40, 60, 80, 95])
+def test_needle_sits_on_a_sentence_or_line_boundary(tok, depth):
+    p = needle.build_prompt(tok, HAYSTACK, 400, depth, seed=3)
+    start, _ = p.needle_span
+    before = decode(tok, p.input_ids[:start])
+    assert before == "" or before.endswith("\n") or before.rstrip(" ").endswith((".", "!", "?"))
+    # the nearest boundary at or before the requested depth: never after it
+    assert p.actual_depth <= depth + 1e-9
+    # the haystack around the needle is the documents in order, trimmed at the end, nothing lost
+    question = len(tok(needle.DEFAULT_TEMPLATE.question, add_special_tokens=False)["input_ids"])
+    hay = before + decode(tok, p.input_ids[p.needle_span[1] : 400 - question])
+    assert ("".join(d + "\n\n" for d in HAYSTACK) * 4).startswith(hay)
+
+
+def test_depths_are_ordered(tok):
+    spans = [
+        needle.build_prompt(tok, HAYSTACK, 600, d, seed=5).needle_span[0] for d in range(0, 101, 10)
+    ]
+    assert spans == sorted(spans) and spans[0] == 0
+
+
+def test_deterministic_per_seed_and_cell(tok):
+    a = needle.build_prompt(tok, HAYSTACK, 300, 50, seed=11)
+    b = needle.build_prompt(tok, HAYSTACK, 300, 50, seed=11)
+    c = needle.build_prompt(tok, HAYSTACK, 300, 50, seed=12)
+    assert a == b and a.answer != c.answer
+    assert needle.cell_seed(256, 50) == needle.cell_seed(256, 50.0)
+    seeds = {needle.cell_seed(n, d) for n in (128, 256, 512) for d in (0, 25, 50, 75, 100)}
+    assert len(seeds) == 15
+    assert needle.cell_seed(256, 50, seed=1) != needle.cell_seed(256, 50, seed=0)
+
+
+def test_short_haystack_is_repeated(tok):
+    p = needle.build_prompt(tok, ["Tiny. "], 500, 50, seed=0)
+    assert len(p.input_ids) == 500
+    assert decode(tok, p.input_ids).count("Tiny.") > 50
+
+
+def test_errors_are_one_line(tok):
+    shortest = needle.min_length(tok)
+    needle.build_prompt(tok, HAYSTACK, shortest, 50, seed=0)
+    with pytest.raises(DataError, match=f"at least {shortest} tokens"):
+        needle.build_prompt(tok, HAYSTACK, shortest - 1, 50, seed=0)
+    with pytest.raises(DataError, match="depth"):
+        needle.build_prompt(tok, HAYSTACK, 200, 101, seed=0)
+    with pytest.raises(DataError, match="haystack"):
+        needle.build_prompt(tok, ["", "  "], 200, 50, seed=0)
+
+
+def test_custom_template(tok):
+    t = needle.Template(needle="The pass key is {answer}.", question="\nThe pass key is", digits=7)
+    p = needle.build_prompt(tok, HAYSTACK, 160, 50, seed=2, template=t)
+    assert len(p.answer) == 7 and "The pass key is " + p.answer in decode(tok, p.input_ids)
+
+
+def test_special_prefix_of_a_tokenizer_with_bos(tok):
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    inner = tok.backend_tokenizer
+    inner.post_processor = TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)]
+    )
+    bos_tok = PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<s>", eos_token="</s>")
+    assert needle.special_prefix(bos_tok) == [tok.bos_token_id]
+    p = needle.build_prompt(bos_tok, HAYSTACK, 150, 0, seed=4)
+    assert len(p.input_ids) == 150 and p.input_ids[0] == tok.bos_token_id
+    assert p.needle_span[0] == 1
+    assert needle.special_prefix(build_byte_tokenizer()) == []
+
+
+@pytest.mark.parametrize(
+    "generated, exact, score",
+    [
+        (" 12345.", True, 1.0),
+        ("12345", True, 1.0),
+        (" 12345 and more 999", True, 1.0),
+        (" 12355", False, 0.8),
+        (" 1234", False, 0.8),
+        (" 123456", False, 5 / 6),
+        (" none", False, 0.0),
+        ("", False, 0.0),
+        (" 54321", False, 0.2),
+    ],
+)
+def test_score(generated, exact, score):
+    s = needle.score(generated, "12345")
+    assert s.exact is exact and s.score == pytest.approx(score)
+
+
+def test_greedy_and_run_match_generate(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    p = needle.build_prompt(tok, HAYSTACK, 100, 50, seed=9)
+    ours = needle.greedy(model, p.input_ids, 6)
+    ref = model.generate(
+        torch.tensor([p.input_ids]), max_new_tokens=6, do_sample=False, eos_token_id=None
+    )[0, 100:].tolist()
+    assert ours == ref
+    out = needle.run(model, tok, p, max_new_tokens=6)
+    assert out["generated"] == tok.decode(ref)
+    assert set(out) == {"generated", "exact", "score", "predicted"}
