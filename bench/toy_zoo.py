@@ -1,0 +1,370 @@
+"""Time the toy model zoo's training and check what the default run shows (issue 3).
+
+    python bench/toy_zoo.py --cores 2 --out bench/results/toy_zoo.md
+
+1. ``snakemake --cores N`` on the zoo's model directories only (corpora, pretrain, continual
+   pretraining) in a fresh work directory: wall time (goal: <= 10 min on 2 cores).
+2. The rest of the default workflow (every cell and report), unless ``--zoo-only``: wall time.
+3. The must-show figures, measured on that run:
+   - rope: PPL at 4·L0 is at least 2x its PPL at L0;
+   - each method continually pretrained at L1 = 4·L0: PPL at L1 at most 15 % above the base's PPL
+     at L0 (the L2 = 8·L0 variants are listed too);
+   - the base (rope) retrieves the needle at >= 90 % of depths for every length <= L0 in
+     ``lengths``: the prompts of the needle cells (same seeds, same haystack, same greedy
+     decoding), and the pass rate over ``--seeds`` more answers per (length, depth);
+   - with the whole workflow (issue 5): the pooled AUROC of mean attention entropy as a predictor of
+     needle failure, and per method the longer continual-pretraining variant's mean entropy and
+     pass rate on needle cells longer than L1, from ``results/tables/needle*.parquet``.
+
+Writes a Markdown report (``--out``) with the command, the machine and every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+
+def snakemake_bin() -> str:
+    exe = Path(sys.executable).with_name("snakemake")
+    return str(exe) if exe.exists() else "snakemake"
+
+
+def load_average() -> str:
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run_snakemake(workdir: Path, configfile: Path, cores: int, targets, log: Path) -> float:
+    cmd = [
+        snakemake_bin(),
+        "-s",
+        str(REPO / "Snakefile"),
+        "--configfile",
+        str(configfile),
+        "--directory",
+        str(workdir),
+        "--cores",
+        str(cores),
+        *targets,
+    ]
+    t0 = time.perf_counter()
+    with log.open("a") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"snakemake failed ({proc.returncode}); see {log}")
+    return seconds
+
+
+def zoo_targets(cfg) -> list[tuple[str, str, str]]:
+    """(label, role, directory) of every model the config trains."""
+    from ropelens import config
+
+    out = []
+    for model, entry in cfg["models"].items():
+        if "train" in entry:
+            out.append((f"{model} base", "pretrain", config.model_dir(cfg, model)))
+    for method, entry in cfg["methods"].items():
+        for model, ckpt in (entry.get("checkpoints") or {}).items():
+            if "train" in ckpt:
+                out.append(
+                    (f"{model} {method}", "continual", config.checkpoint_dir(cfg, model, method))
+                )
+    return out
+
+
+def needle_check(cfg, workdir: Path, model: str, seeds: int) -> list[dict]:
+    """Base model: the needle cells' prompts at every length <= L0, plus ``seeds`` more answers."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from ropelens import config, models, needle
+
+    torch.set_num_threads(cfg["runtime"]["threads"])
+    spec = config.cell_spec(cfg, model, "rope")
+    spec["source"] = {"path": str(workdir / spec["source"]["path"])}
+    loaded = models.load(spec)
+    settings = config.cell_settings(cfg, "needle")
+    template = needle.Template(**settings.get("template", {}))
+    corpus = workdir / f"results/data/corpora/{cfg['needle']['haystack']}.parquet"
+    haystack = pq.read_table(corpus).column("text").to_pylist()
+    l0 = cfg["models"][model]["pretrained_length"]
+    rows = []
+    for length in [n for n in cfg["lengths"] if n <= l0]:
+        for depth in cfg["depths"]:
+            base_seed = settings.get("seed", 0)
+            results = []
+            for k in range(seeds + 1):
+                seed = needle.cell_seed(length, depth, base_seed + k)
+                prompt = needle.build_prompt(
+                    loaded.tokenizer, haystack, length, depth, seed, template
+                )
+                max_new = settings.get("max_new_tokens") or len(prompt.target_ids) + 4
+                results.append(needle.run(loaded.model, loaded.tokenizer, prompt, max_new))
+            rows.append(
+                {
+                    "length": length,
+                    "depth": depth,
+                    "cell_passed": results[0]["exact"],
+                    "cell_generated": results[0]["generated"],
+                    "rate": sum(r["exact"] for r in results) / len(results),
+                    "score": sum(r["score"] for r in results) / len(results),
+                }
+            )
+    return rows
+
+
+def needle_entropy_checks(workdir: Path, model: str, l0: int) -> list[tuple]:
+    """Issue 5's figures from the workflow's own needle tables (results/tables/needle*.parquet)."""
+    import pandas as pd
+
+    summary = pd.read_parquet(workdir / "results/tables/needle.parquet")
+    cpt = pd.read_parquet(workdir / "results/tables/needle_cpt.parquet")
+    pooled = summary[(summary.model == model) & (summary.method == "(all methods)")].iloc[0]
+    out = [
+        (
+            "needle: AUROC of mean entropy as a predictor of failure, pooled over methods "
+            f"({pooled.cells} cells, pass rate {pooled.pass_rate:.0%})",
+            f"{pooled.auroc_entropy_failure:.3f} (entropy passed {pooled.entropy_passed:.3f}, "
+            f"failed {pooled.entropy_failed:.3f})",
+            ">= 0.7",
+            pooled.auroc_entropy_failure >= 0.7,
+        )
+    ]
+    for base, g in cpt[cpt.model == model].groupby("registry_method", sort=True):
+        trained = g[g.cpt_length > 0].sort_values("cpt_length")
+        if len(trained) < 2:
+            continue
+        short, long = trained.iloc[0], trained.iloc[-1]
+        beyond = int(short.beyond_length)
+        out.append(
+            (
+                f"{base}: continual at {long.cpt_length} vs {short.cpt_length}, needle cells "
+                f"longer than L1 = {beyond}: mean entropy",
+                f"{long.mean_entropy_beyond:.3f} vs {short.mean_entropy_beyond:.3f}",
+                "lower",
+                bool(long.mean_entropy_beyond < short.mean_entropy_beyond),
+            )
+        )
+        out.append(
+            (
+                f"{base}: continual at {long.cpt_length} vs {short.cpt_length}, needle cells "
+                f"longer than L1 = {beyond}: pass rate",
+                f"{long.pass_rate_beyond:.0%} vs {short.pass_rate_beyond:.0%}",
+                "not lower",
+                bool(long.pass_rate_beyond >= short.pass_rate_beyond),
+            )
+        )
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(REPO / "config.yaml"), help="workflow config")
+    p.add_argument("--workdir", help="work directory (default: a new temporary one)")
+    p.add_argument("--cores", type=int, default=2)
+    p.add_argument("--zoo-only", action="store_true", help="train the zoo, skip the cells")
+    p.add_argument("--seeds", type=int, default=9, help="extra needle answers per (length, depth)")
+    p.add_argument("--out", default=str(REPO / "bench/results/toy_zoo.md"))
+    args = p.parse_args(argv)
+
+    import torch
+    import transformers
+
+    from ropelens import config
+
+    configfile = Path(args.config).resolve()
+    cfg = config.prepare(config.load_yaml(configfile), configfile.parent)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="toy_zoo_")).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / "bench_toy_zoo.log"
+    load_before = load_average()
+
+    targets = zoo_targets(cfg)
+    zoo_s = run_snakemake(workdir, configfile, args.cores, [d for _, _, d in targets], log)
+    load_after_zoo = load_average()
+    full_s = None
+    if not args.zoo_only:
+        full_s = run_snakemake(workdir, configfile, args.cores, [], log)
+
+    trained = []
+    for label, role, d in targets:
+        s = json.loads((workdir / d / "ropelens_train.json").read_text())
+        trained.append((label, role, s))
+
+    # --- must-show figures --------------------------------------------------------------------
+    import pandas as pd
+
+    if full_s is None:
+        cells = [
+            f"results/ppl/model={m}/method={x}/length={n}.parquet"
+            for m, x in config.model_method_pairs(cfg)
+            for n in cfg["lengths"]
+            if x == "rope" or n == cfg["methods"][x].get("cpt_length")
+        ]
+        run_snakemake(workdir, configfile, args.cores, cells, log)
+        from ropelens import tables
+
+        ppl = tables.ppl_table([workdir / c for c in cells]).to_pandas()
+    else:
+        ppl = pd.read_parquet(workdir / "results/tables/ppl.parquet")
+    model = next(m for m, e in cfg["models"].items() if "train" in e)
+    l0 = cfg["models"][model]["pretrained_length"]
+
+    def ppl_at(method, length):
+        hit = ppl[(ppl.model == model) & (ppl.method == method) & (ppl.length == length)]
+        return float(hit.ppl.iloc[0]) if len(hit) else math.nan
+
+    base_l0 = ppl_at("rope", l0)
+    checks = []
+    ratio = ppl_at("rope", 4 * l0) / base_l0
+    checks.append(
+        (
+            f"rope: PPL at 4·L0 ({4 * l0}) / PPL at L0 ({l0})",
+            f"{ppl_at('rope', 4 * l0):.3f} / {base_l0:.3f} = {ratio:.2f}",
+            ">= 2",
+            ratio >= 2,
+        )
+    )
+    for method, entry in cfg["methods"].items():
+        if (entry.get("checkpoints") or {}).get(model, {}).get("train") is None:
+            continue
+        length = entry["cpt_length"]
+        value = ppl_at(method, length)
+        rel = value / base_l0 - 1
+        must = length == 4 * l0
+        checks.append(
+            (
+                f"{method} (continual at {length}): PPL at {length} vs base PPL at L0",
+                f"{value:.3f} vs {base_l0:.3f} = {rel:+.1%}",
+                "at most +15 %" if must else "(L2: for reference)",
+                rel <= 0.15 if must else None,
+            )
+        )
+    needles = needle_check(cfg, workdir, model, args.seeds)
+    cell_rate = sum(r["cell_passed"] for r in needles) / len(needles)
+    seed_rate = sum(r["rate"] for r in needles) / len(needles)
+    checks.append(
+        (
+            f"base: needle retrieved, lengths <= L0 × {len(cfg['depths'])} depths "
+            f"({len(needles)} cells)",
+            f"{cell_rate:.0%} of cells; {seed_rate:.1%} of {len(needles) * (args.seeds + 1)} "
+            "prompts",
+            ">= 90 % of depths",
+            cell_rate >= 0.9,
+        )
+    )
+
+    if full_s is not None:
+        checks += needle_entropy_checks(workdir, model, l0)
+
+    # --- report -------------------------------------------------------------------------------
+    command = "python bench/toy_zoo.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    lines = [
+        "# Toy model zoo: training time and what the default run shows",
+        "",
+        f"Command: `{command.strip()}` (config `{os.path.relpath(configfile, REPO)}`, "
+        f"snakemake --cores {args.cores}, a fresh work directory).",
+        "",
+        f"Machine: {cpu_name()}, {os.cpu_count()} CPUs; Python {platform.python_version()}, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}. Load average "
+        f"(1/5/15 min) before: {load_before}; after the zoo: {load_after_zoo}; at the end: "
+        f"{load_average()}.",
+        "",
+        "## Wall time",
+        "",
+        "| stage | seconds | minutes |",
+        "|---|---:|---:|",
+        f"| zoo: corpora + pretrain + {len(targets) - 1} continual runs | {zoo_s:.0f} | "
+        f"{zoo_s / 60:.1f} |",
+    ]
+    if full_s is not None:
+        lines.append(
+            f"| the rest of the default workflow (cells, reports) | {full_s:.0f} | "
+            f"{full_s / 60:.1f} |"
+        )
+    lines += [
+        "",
+        "Training runs (seconds inside each run, from `ropelens_train.json`):",
+        "",
+        "| model | role | length | steps × batch | threads | seconds | LM loss | answer loss |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, role, s in trained:
+        st = s["settings"]
+        lines.append(
+            f"| {label} | {role} | {s['length']} | {s['steps']} × {st['batch_size']} | "
+            f"{st['threads']} | {s['seconds']:.0f} | {s['final']['lm_loss']:.3f} | "
+            f"{s['final']['answer_loss']:.3f} |"
+        )
+    lines += [
+        "",
+        "## Must-show figures",
+        "",
+        "| figure | measured | goal | met |",
+        "|---|---|---|---|",
+    ]
+    for name, value, goal, ok in checks:
+        mark = "—" if ok is None else ("yes" if ok else "**no**")
+        lines.append(f"| {name} | {value} | {goal} | {mark} |")
+    lines += [
+        "",
+        f"Perplexity ({cfg['ppl']['corpus']} corpus, protocol {cfg['ppl']['protocol']}, "
+        f"{cfg['ppl']['max_documents']} documents, token-weighted):",
+        "",
+    ]
+    lengths = sorted(ppl.length.unique())
+    lines.append("| method | " + " | ".join(str(n) for n in lengths) + " |")
+    lines.append("|---|" + "---:|" * len(lengths))
+    for method in cfg["methods"]:
+        vals = [ppl_at(method, n) for n in lengths]
+        cells = ["—" if v != v else f"{v:.2f}" for v in vals]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Needle, base model (rope), lengths <= L0: the cell's prompt (seed of the needle cell) "
+        f"and the pass rate over it and {args.seeds} more answers:",
+        "",
+        "| length | depth | cell passed | cell output | pass rate | mean score |",
+        "|---:|---:|---|---|---:|---:|",
+    ]
+    for r in needles:
+        lines.append(
+            f"| {r['length']} | {r['depth']:g} | {'yes' if r['cell_passed'] else 'no'} | "
+            f"`{r['cell_generated']!r}` | {r['rate']:.0%} | {r['score']:.2f} |"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwrote {out}; work directory {workdir}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
