@@ -89,3 +89,41 @@ def report_outputs():
         *rules.needle_report.output,
         *rules.html_report.output,
     ]
+
+
+# --- the toy zoo (rules/toy.smk): what a train block reads --------------------------------------
+
+
+def train_inputs(settings):
+    """Corpus Parquet files a train block reads (LM corpus, haystack corpus)."""
+    out = {"corpus": f"results/data/corpora/{settings['corpus']}.parquet"}
+    if settings.get("haystack"):
+        out["haystack"] = f"results/data/corpora/{settings['haystack']}.parquet"
+    return out
+
+
+def pretrain_settings(wildcards):
+    return config["models"][wildcards.model]["train"]
+
+
+def cpt_settings(wildcards):
+    return config["methods"][wildcards.method]["checkpoints"][wildcards.model]["train"]
+
+
+def continual_inputs(wildcards):
+    inputs = train_inputs(cpt_settings(wildcards))
+    base = rlconfig.model_dir(config, wildcards.model)
+    if base:
+        inputs["base"] = base
+    return inputs
+
+
+def continual_spec(wildcards):
+    """The cell spec of (model, method) with the base model as source: the run loads the base
+    with the method applied exactly as evaluation does."""
+    spec = rlconfig.cell_spec(config, wildcards.model, wildcards.method)
+    return q({**spec, "source": tokenizer_source(wildcards.model)})
+
+
+def haystack_arg(wildcards, input):
+    return f"--haystack {input.haystack}" if "haystack" in input.keys() else ""
