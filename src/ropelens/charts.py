@@ -116,7 +116,8 @@ def needle_heatmap(cells, model: str):
     df["label"] = [f"{e:.2f}" if e == e and e is not None else "" for e in df["mean_entropy"]]
     df["depth"] = [f"{d:g}" for d in df["depth"]]
     lengths = set(df["length"])
-    # the rule sits on the column of the continual-pretraining length (when that length is shown)
+    # the rule sits on the right edge of the continual-pretraining length's column (when that
+    # length is shown): trained lengths on its left, extrapolation on its right
     df["cpt_rule"] = pd.Series(
         [
             int(c) if c == c and c is not None and int(c) in lengths else None
@@ -141,8 +142,8 @@ def needle_heatmap(cells, model: str):
     text = base.mark_text(fontSize=9, color="black").encode(y=y, text="label:N")
     rule = (
         alt.Chart()
-        .mark_rule(strokeDash=[5, 4], color="white", strokeWidth=2)
-        .encode(x=alt.X("cpt_rule:O"))
+        .mark_rule(strokeDash=[5, 4], color="#212121", strokeWidth=2)
+        .encode(x=alt.X("cpt_rule:O", bandPosition=1))
         .transform_filter("isValid(datum.cpt_rule)")
     )
     return (
@@ -151,6 +152,6 @@ def needle_heatmap(cells, model: str):
         .facet(facet=alt.Facet("method:N", title=None), columns=3)
         .properties(
             title=f"{model}: needle retrieval (cell text: mean attention entropy; "
-            "dashed: continual-pretraining length)"
+            "dashed: right edge of the continual-pretraining length)"
         )
     )
