@@ -87,7 +87,7 @@ SECTIONS: list[Section] = [
         "Needle in a haystack",
         caption="needle.rst",
         summary="Retrieval pass/fail over document length × needle depth, annotated with the "
-        "mean attention entropy; the dashed line follows the continual-pretraining length's column.",
+        "mean attention entropy; the dashed line: right edge of the continual-pretraining length.",
         figures=("needle_*.html",),
         details=("needle_cells*.parquet", "needle_*layers*.parquet"),
     ),
