@@ -76,6 +76,27 @@ def _ppl_table():
     return pa.Table.from_pylist(rows, schema=schemas.PPL_TABLE)
 
 
+def test_ppl_chart_distinct_colours_and_dashed_checkpoints():
+    """Twelve methods (the default zoo's count) get twelve colours; checkpoints are dashed."""
+    methods = [f"m{i}" for i in range(12)]
+    rows = [
+        dict(model="m", method=x, length=n, rope_type="linear", factor=2.0)
+        | dict(pretrained_length=32, cpt_length=64 if i % 2 else None, documents=1, tokens=n)
+        | dict(ppl=10.0 + i, mean_doc_ppl=10.0 + i)
+        for i, x in enumerate(methods)
+        for n in (32, 64)
+    ]
+    spec = charts.ppl_chart(pa.Table.from_pylist(rows, schema=schemas.PPL_TABLE)).to_dict()
+    enc = spec["spec"]["layer"][0]["encoding"]
+    assert enc["color"]["scale"]["scheme"] == "tableau20"  # 20 distinct colours
+    dash = enc["strokeDash"]["scale"]
+    assert dash["domain"] == ["training-free", "continual pretraining"]
+    assert dash["range"][0] == [1, 0] and dash["range"][1] != [1, 0]
+    two = [r for r in rows if r["method"] in ("m0", "m1")]
+    spec = charts.ppl_chart(pa.Table.from_pylist(two, schema=schemas.PPL_TABLE)).to_dict()
+    assert spec["spec"]["layer"][0]["encoding"]["color"]["scale"]["scheme"] == "tableau10"
+
+
 def _attention_df():
     import pandas as pd
 

@@ -18,11 +18,24 @@ def ppl_chart(table):
     import altair as alt
 
     df = table.to_pandas()
+    df["training"] = [
+        "training-free" if c != c or c is None else "continual pretraining"
+        for c in df["cpt_length"]
+    ]
     base = alt.Chart(df)
+    # more than 10 methods (the default zoo has 12): 20 colours, so no two lines share one
+    scheme = "tableau20" if df["method"].nunique() > 10 else "tableau10"
     lines = base.mark_line(point=True).encode(
         x=alt.X("length:Q", scale=alt.Scale(type="log", base=2), title="context length (tokens)"),
         y=alt.Y("ppl:Q", scale=alt.Scale(type="log"), title="perplexity"),
-        color=alt.Color("method:N", title="method"),
+        color=alt.Color("method:N", title="method", scale=alt.Scale(scheme=scheme)),
+        strokeDash=alt.StrokeDash(
+            "training:N",
+            legend=None,  # said in the title
+            scale=alt.Scale(
+                domain=["training-free", "continual pretraining"], range=[[1, 0], [6, 3]]
+            ),
+        ),
         tooltip=["model", "method", "length", alt.Tooltip("ppl:Q", format=".3f"), "documents"],
     )
     rule = base.mark_rule(strokeDash=[4, 4], color="gray").encode(
@@ -33,7 +46,10 @@ def ppl_chart(table):
         .properties(width=320, height=240)
         .facet(column=alt.Column("model:N", title=None))
         .resolve_scale(y="independent")
-        .properties(title="Perplexity vs context length (dashed: pretrained length)")
+        .properties(
+            title="Perplexity vs context length (grey rule: pretrained length; "
+            "dashed lines: continually pretrained)"
+        )
     )
 
 
