@@ -236,7 +236,11 @@ def score(generated: str, answer: str) -> Score:
 
 
 def greedy(model, input_ids: Sequence[int], max_new_tokens: int, eos_token_id=None) -> list[int]:
-    """Greedy continuation of ``input_ids`` (no sampling, KV cache), stopping at EOS."""
+    """Greedy continuation of ``input_ids`` (no sampling, KV cache), stopping at EOS.
+
+    Only the last position's logits are computed, so a long prompt never materialises
+    ``length × vocab`` logits.
+    """
     import torch
 
     device = next(model.parameters()).device
@@ -245,7 +249,7 @@ def greedy(model, input_ids: Sequence[int], max_new_tokens: int, eos_token_id=No
     past = None
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            res = model(input_ids=x, past_key_values=past, use_cache=True)
+            res = model(input_ids=x, past_key_values=past, use_cache=True, logits_to_keep=1)
             past = res.past_key_values
             nxt = int(res.logits[0, -1].argmax())
             if eos_token_id is not None and nxt == eos_token_id:

@@ -25,25 +25,13 @@ def depth_label(depth: float) -> str:
 
 
 def _greedy_recorded(model, prompt_ids, max_new_tokens: int, eos_token_id, spec):
-    """Greedy decoding under :func:`ropelens.attention.record_attention` (only the logits of the
-    last position are computed, so long prompts do not materialise ``length × vocab`` logits)."""
-    import torch
-
+    """:func:`ropelens.needle.greedy` under :func:`ropelens.attention.record_attention`: the
+    generated ids and the statistics table of the counted (answering) queries."""
     from ropelens.attention import record_attention
+    from ropelens.needle import greedy
 
-    device = next(model.parameters()).device
-    x = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-    out: list[int] = []
-    past = None
-    with record_attention(model, spec) as rec, torch.no_grad():
-        for _ in range(max_new_tokens):
-            res = model(input_ids=x, past_key_values=past, use_cache=True, logits_to_keep=1)
-            past = res.past_key_values
-            nxt = int(res.logits[0, -1].argmax())
-            if eos_token_id is not None and nxt == eos_token_id:
-                break
-            out.append(nxt)
-            x = torch.tensor([[nxt]], device=device)
+    with record_attention(model, spec) as rec:
+        out = greedy(model, prompt_ids, max_new_tokens, eos_token_id)
     return out, rec.table()
 
 
