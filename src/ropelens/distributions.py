@@ -42,7 +42,7 @@ def measure(model, token_table, length: int, settings: dict, progress=None):
     decoder = model.get_decoder()
     device = next(model.parameters()).device
     input_ids = token_table.column("input_ids")
-    with record_attention(model, spec) as rec:
+    with record_attention(model, spec) as rec, torch.no_grad():
         for i in progress(chosen) if progress else chosen:
             ids = np.asarray(input_ids[i].values.to_numpy()[:length])
             decoder(input_ids=torch.tensor(ids[None], dtype=torch.long, device=device))

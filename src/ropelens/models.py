@@ -79,7 +79,6 @@ def load_config(spec: dict):
 
 def load(spec: dict, attn_implementation: str = "sdpa", device: str | None = None) -> Loaded:
     """Load tokenizer + model for a cell spec (see ``ropelens.config.cell_spec``)."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     runtime = spec.get("runtime", {})
@@ -92,7 +91,6 @@ def load(spec: dict, attn_implementation: str = "sdpa", device: str | None = Non
         name, config=config, dtype=dtype, attn_implementation=attn_implementation, **kwargs
     )
     model.to(device).eval()
-    torch.set_grad_enabled(False)
     return Loaded(model, tokenizer, device, dtype, dict(config.rope_parameters))
 
 

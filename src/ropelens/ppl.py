@@ -55,14 +55,15 @@ def token_nll(model, input_ids, score_from: int):
 
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
-    hidden = decoder(input_ids=input_ids[None]).last_hidden_state[0]
-    nll = []
-    # hidden[t] predicts token t+1
-    for start in range(score_from - 1, input_ids.shape[0] - 1, LOGIT_CHUNK):
-        stop = min(start + LOGIT_CHUNK, input_ids.shape[0] - 1)
-        logits = head(hidden[start:stop]).float()
-        target = input_ids[start + 1 : stop + 1]
-        nll.append(torch.nn.functional.cross_entropy(logits, target, reduction="none"))
+    with torch.no_grad():
+        hidden = decoder(input_ids=input_ids[None]).last_hidden_state[0]
+        nll = []
+        # hidden[t] predicts token t+1
+        for start in range(score_from - 1, input_ids.shape[0] - 1, LOGIT_CHUNK):
+            stop = min(start + LOGIT_CHUNK, input_ids.shape[0] - 1)
+            logits = head(hidden[start:stop]).float()
+            target = input_ids[start + 1 : stop + 1]
+            nll.append(torch.nn.functional.cross_entropy(logits, target, reduction="none"))
     return torch.cat(nll).double().cpu().numpy()
 
 

@@ -536,7 +536,6 @@ def _setup(settings: dict, device: str):
 
     if settings.get("threads"):
         torch.set_num_threads(settings["threads"])
-    torch.set_grad_enabled(True)
     return pick_device(device)
 
 
