@@ -30,10 +30,12 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def _progress(desc: str):
+def _progress(desc: str, **tqdm_kwargs):
+    """A progress wrapper for a job's log (stderr); ``tqdm_kwargs`` override the defaults."""
     from tqdm.auto import tqdm
 
-    return lambda it: tqdm(it, desc=desc, file=sys.stderr, mininterval=2.0)
+    kwargs = {"mininterval": 2.0, **tqdm_kwargs}
+    return lambda it: tqdm(it, desc=desc, file=sys.stderr, **kwargs)
 
 
 # --- subcommands -----------------------------------------------------------------------------
@@ -80,26 +82,39 @@ def cmd_tokenize(args) -> int:
 def cmd_ppl(args) -> int:
     import pyarrow.parquet as pq
 
-    from ropelens import models, ppl, schemas
-    from ropelens.io import write_cell
+    from ropelens import ppl, schemas
 
     _threads(args.threads)
-    spec, settings = args.spec, args.settings
+    settings = args.settings
     tokens = pq.read_table(args.tokens)
-    t0 = time.perf_counter()
-    loaded = models.load(spec)
-    load_s = time.perf_counter() - t0
+    loaded, t0, load_s = _load_timed(args.spec)
     rows = ppl.evaluate(
         loaded.model, tokens, args.length, settings, _progress(f"ppl L={args.length}")
     )
     n = len(rows["doc_id"])
-    rows.update(_grid_columns(spec, loaded.rope_parameters, args.length, n))
     rows.update(protocol=[settings["protocol"]] * n)
-    meta = _cell_metadata(spec, loaded, load_s, time.perf_counter() - t0 - load_s)
-    write_cell(rows, schemas.PPL, args.out, meta)
+    _write_cell(rows, n, schemas.PPL, args, loaded, t0, load_s)
     total = sum(rows["nll_sum"]) / max(1, sum(rows["tokens"]))
     print(f"{args.out}: {n} documents, mean NLL {total:.4f}", file=sys.stderr)
     return 0
+
+
+def _load_timed(spec: dict):
+    """The cell's model, the time loading started and the seconds it took."""
+    from ropelens import models
+
+    t0 = time.perf_counter()
+    loaded = models.load(spec)
+    return loaded, t0, time.perf_counter() - t0
+
+
+def _write_cell(rows: dict, n: int, schema, args, loaded, t0: float, load_s: float) -> None:
+    """Add the grid columns to ``n`` rows and write the cell atomically with its timings."""
+    from ropelens.io import write_cell
+
+    rows.update(_grid_columns(args.spec, loaded.rope_parameters, args.length, n))
+    meta = _cell_metadata(args.spec, loaded, load_s, time.perf_counter() - t0 - load_s)
+    write_cell(rows, schema, args.out, meta)
 
 
 def _grid_columns(spec: dict, rope: dict, length: int, n: int) -> dict:
@@ -128,25 +143,20 @@ def _cell_metadata(spec: dict, loaded, load_s: float, compute_s: float) -> dict:
 def cmd_attention(args) -> int:
     import pyarrow.parquet as pq
 
-    from ropelens import distributions, models, schemas
-    from ropelens.io import write_cell
+    from ropelens import distributions, schemas
 
     _threads(args.threads)
-    spec, settings = args.spec, args.settings
+    settings = args.settings
     tokens = pq.read_table(args.tokens)
-    t0 = time.perf_counter()
-    loaded = models.load(spec)
-    load_s = time.perf_counter() - t0
+    loaded, t0, load_s = _load_timed(args.spec)
     stats, n_docs = distributions.measure(
         loaded.model, tokens, args.length, settings, _progress(f"attention L={args.length}")
     )
     n = stats.num_rows
     rows = {name: stats.column(name).to_pylist() for name in stats.column_names}
-    rows.update(_grid_columns(spec, loaded.rope_parameters, args.length, n))
     window = distributions.query_window(args.length, settings["query_fraction"])
     rows.update(documents=[n_docs] * n, query_window=[window] * n)
-    meta = _cell_metadata(spec, loaded, load_s, time.perf_counter() - t0 - load_s)
-    write_cell(rows, schemas.ATTENTION, args.out, meta)
+    _write_cell(rows, n, schemas.ATTENTION, args, loaded, t0, load_s)
     print(f"{args.out}: {n_docs} documents, {n} layer x head rows", file=sys.stderr)
     return 0
 
@@ -190,23 +200,18 @@ def cmd_report(args) -> int:
 def cmd_needle(args) -> int:
     import pyarrow.parquet as pq
 
-    from ropelens import models, retrieval, schemas
-    from ropelens.io import write_cell
+    from ropelens import retrieval, schemas
 
     _threads(args.threads)
-    spec, settings = args.spec, args.settings
+    settings = args.settings
     haystack = pq.read_table(args.haystack).column("text").to_pylist()
-    t0 = time.perf_counter()
-    loaded = models.load(spec)
-    load_s = time.perf_counter() - t0
+    loaded, t0, load_s = _load_timed(args.spec)
     rows = retrieval.run_cell(
         loaded.model, loaded.tokenizer, haystack, args.length, args.depth, settings
     )
     n = len(rows["depth"])
-    rows.update(_grid_columns(spec, loaded.rope_parameters, args.length, n))
-    rows["registry_method"] = [spec["registry"]] * n
-    meta = _cell_metadata(spec, loaded, load_s, time.perf_counter() - t0 - load_s)
-    write_cell(rows, schemas.NEEDLE, args.out, meta)
+    rows["registry_method"] = [args.spec["registry"]] * n
+    _write_cell(rows, n, schemas.NEEDLE, args, loaded, t0, load_s)
     status = rows["status"][0]
     verdict = "pass" if rows["passed"][0] else "fail"
     print(

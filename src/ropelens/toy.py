@@ -645,9 +645,9 @@ def continual(
 
 
 def _progress(desc: str):
-    from tqdm.auto import tqdm
+    from ropelens.cli import _progress
 
-    return lambda it: tqdm(it, desc=desc, file=sys.stderr, mininterval=5.0, ascii=True)
+    return _progress(desc, mininterval=5.0, ascii=True)  # long runs: fewer, plain-ASCII updates
 
 
 def _with_threads(settings: dict, threads: int | None) -> dict:
@@ -696,27 +696,29 @@ def cmd_continual(args) -> int:
     return 0
 
 
+def _add_run_args(s) -> None:
+    """Arguments both training commands take, after their own."""
+    from ropelens.cli import _json
+
+    s.add_argument("--settings", type=_json, required=True, help="JSON train block from config")
+    s.add_argument("--corpus", required=True, help="LM corpus Parquet from `ropelens corpus`")
+    s.add_argument("--haystack", help="haystack corpus Parquet (needed when needle_fraction > 0)")
+    s.add_argument("--out", required=True, help="output model directory")
+    s.add_argument("--device", default="cpu", help="cpu (default, deterministic), cuda or auto")
+    s.add_argument("--threads", type=int, help="torch CPU threads (default: settings' threads)")
+
+
 def add_commands(sub) -> None:
     """Register the toy-zoo subcommands on the ``ropelens`` parser."""
     from ropelens.cli import _json
 
     s = sub.add_parser("pretrain", help="pretrain a toy LLaMA (plain RoPE) from scratch")
-    s.add_argument("--settings", type=_json, required=True, help="JSON train block from config")
     s.add_argument("--length", type=int, required=True, help="pretraining length L0 in tokens")
-    s.add_argument("--corpus", required=True, help="LM corpus Parquet from `ropelens corpus`")
-    s.add_argument("--haystack", help="haystack corpus Parquet (needed when needle_fraction > 0)")
-    s.add_argument("--out", required=True, help="output model directory")
-    s.add_argument("--device", default="cpu", help="cpu (default, deterministic), cuda or auto")
-    s.add_argument("--threads", type=int, help="torch CPU threads (default: settings' threads)")
+    _add_run_args(s)
     s.set_defaults(func=cmd_pretrain)
 
     s = sub.add_parser("continual", help="continually pretrain a base model with a RoPE method")
     s.add_argument("--spec", type=_json, required=True, help="JSON cell spec; source = the base")
-    s.add_argument("--settings", type=_json, required=True, help="JSON train block from config")
     s.add_argument("--length", type=int, required=True, help="continual-pretraining length")
-    s.add_argument("--corpus", required=True, help="LM corpus Parquet from `ropelens corpus`")
-    s.add_argument("--haystack", help="haystack corpus Parquet (needed when needle_fraction > 0)")
-    s.add_argument("--out", required=True, help="output model directory")
-    s.add_argument("--device", default="cpu", help="cpu (default, deterministic), cuda or auto")
-    s.add_argument("--threads", type=int, help="torch CPU threads (default: settings' threads)")
+    _add_run_args(s)
     s.set_defaults(func=cmd_continual)
