@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,3 +43,45 @@ def tiny_model_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("models") / "tiny"
     make_tiny(out, pretrained_length=64, hidden_size=32, layers=2, heads=4, kv_heads=2, seed=0)
     return out
+
+
+def tiny_spec(model_dir, method: str = "rope", params: dict | None = None) -> dict:
+    """Cell spec of the session's tiny model (``tiny_model_dir``) with ``method`` applied."""
+    return {
+        "model": "tiny",
+        "method": method,
+        "source": {"path": str(model_dir)},
+        "pretrained_length": 64,
+        "registry": method,
+        "params": params or {},
+        "runtime": {"device": "cpu", "dtype": "float32"},
+    }
+
+
+def token_table(docs):
+    """A tokenised-corpus table (as `ropelens tokenize` writes) of lists of token ids."""
+    import pyarrow as pa
+
+    return pa.table(
+        {
+            "doc_id": [f"d{i}" for i in range(len(docs))],
+            "n_tokens": [len(d) for d in docs],
+            "input_ids": pa.array(docs, pa.list_(pa.int32())),
+        }
+    )
+
+
+def job_counts(proc) -> dict:
+    """Parse the 'Job stats' table of a snakemake (dry-)run: {rule: count}."""
+    text = proc.stdout + proc.stderr
+    if "Nothing to be done" in text:
+        return {}
+    block = text.split("Job stats:")[1]
+    counts = {}
+    for line in block.splitlines()[3:]:
+        m = re.match(r"^(\S+)\s+(\d+)$", line.strip())
+        if not m:
+            break
+        counts[m.group(1)] = int(m.group(2))
+    counts.pop("total", None)
+    return counts

@@ -3,13 +3,14 @@
 import math
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
 from ropelens import distributions, schemas
 from ropelens.io import write_cell
 from ropelens.models import load
+
+from .conftest import tiny_spec, token_table
 
 SETTINGS = {
     "documents": 2,
@@ -22,26 +23,7 @@ SETTINGS = {
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
-    spec = {
-        "model": "tiny",
-        "method": "rope",
-        "source": {"path": str(tiny_model_dir)},
-        "pretrained_length": 64,
-        "registry": "rope",
-        "params": {},
-        "runtime": {"device": "cpu", "dtype": "float32"},
-    }
-    return load(spec).model
-
-
-def token_table(docs):
-    return pa.table(
-        {
-            "doc_id": [f"d{i}" for i in range(len(docs))],
-            "n_tokens": [len(d) for d in docs],
-            "input_ids": pa.array(docs, pa.list_(pa.int32())),
-        }
-    )
+    return load(tiny_spec(tiny_model_dir)).model
 
 
 def test_measure_matches_eager_attention(model, tiny_model_dir):

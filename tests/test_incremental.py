@@ -23,6 +23,8 @@ import yaml
 
 from ropelens import schemas
 
+from .conftest import job_counts
+
 pytestmark = pytest.mark.workflow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,22 +50,6 @@ CELL_DIRS = ("ppl", "attention", "needle")
 MODEL_RULES = {"tiny_model"}  # rules that build models (never rerun here)
 AGGREGATE_OF = {"ppl": "ppl_table", "attention": "attention_report", "needle": "needle_report"}
 SCHEMAS = {"ppl": "PPL", "attention": "ATTENTION", "needle": "NEEDLE"}
-
-
-def job_counts(proc) -> dict:
-    """Parse the 'Job stats' table of a snakemake (dry-)run: {rule: count}."""
-    text = proc.stdout + proc.stderr
-    if "Nothing to be done" in text:
-        return {}
-    block = text.split("Job stats:")[1]
-    counts = {}
-    for line in block.splitlines()[3:]:
-        m = re.match(r"^(\S+)\s+(\d+)$", line.strip())
-        if not m:
-            break
-        counts[m.group(1)] = int(m.group(2))
-    counts.pop("total", None)
-    return counts
 
 
 def planned_cells(proc) -> set[str]:

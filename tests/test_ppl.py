@@ -3,7 +3,6 @@
 import math
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
@@ -11,29 +10,12 @@ from ropelens import ppl
 from ropelens.errors import DataError
 from ropelens.models import load
 
+from .conftest import tiny_spec, token_table
+
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
-    spec = {
-        "model": "tiny",
-        "method": "rope",
-        "source": {"path": str(tiny_model_dir)},
-        "pretrained_length": 64,
-        "registry": "rope",
-        "params": {},
-        "runtime": {"device": "cpu", "dtype": "float32"},
-    }
-    return load(spec).model
-
-
-def token_table(docs):
-    return pa.table(
-        {
-            "doc_id": [f"d{i}" for i in range(len(docs))],
-            "n_tokens": [len(d) for d in docs],
-            "input_ids": pa.array(docs, pa.list_(pa.int32())),
-        }
-    )
+    return load(tiny_spec(tiny_model_dir)).model
 
 
 def reference_nll(model, ids):

@@ -13,7 +13,8 @@ import yaml
 
 from ropelens import config as rlconfig
 from ropelens.errors import ConfigError
-from tests.test_incremental import MICRO, job_counts, write_config
+from tests.conftest import job_counts
+from tests.test_incremental import MICRO, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = {name: REPO / "profiles" / name for name in ("local", "slurm")}

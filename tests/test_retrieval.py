@@ -10,6 +10,8 @@ import torch
 from ropelens import needle, retrieval
 from ropelens.models import load
 
+from .conftest import tiny_spec
+
 HAYSTACK = [
     "The quick brown fox jumps over the lazy dog. " * 3 + "It was a sunny day.\n",
     "Sphinx of black quartz, judge my vow! Pack my box with five dozen liquor jugs.\n",
@@ -18,16 +20,7 @@ HAYSTACK = [
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir):
-    spec = {
-        "model": "tiny",
-        "method": "pi",
-        "source": {"path": str(tiny_model_dir)},
-        "pretrained_length": 64,
-        "registry": "pi",
-        "params": {"factor": 2},
-        "runtime": {"device": "cpu", "dtype": "float32"},
-    }
-    return load(spec)
+    return load(tiny_spec(tiny_model_dir, "pi", {"factor": 2}))
 
 
 def test_cell_matches_greedy_generate_and_eager_attention(loaded):

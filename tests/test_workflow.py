@@ -1,7 +1,6 @@
 """The workflow end to end on a micro config: cells, aggregates, incremental reruns, bad input."""
 
 import math
-import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -9,6 +8,8 @@ import yaml
 
 from ropelens import schemas
 from ropelens.io import dataset
+
+from .conftest import job_counts
 
 pytestmark = pytest.mark.workflow
 
@@ -28,22 +29,6 @@ MICRO = {
     },
     "ppl": {"corpus": "code", "max_documents": 2, "position_bins": 4},
 }
-
-
-def job_counts(proc) -> dict:
-    """Parse the 'Job stats' table of a snakemake (dry-)run."""
-    text = proc.stdout + proc.stderr
-    if "Nothing to be done" in text:
-        return {}
-    block = text.split("Job stats:")[1]
-    counts = {}
-    for line in block.splitlines()[3:]:
-        m = re.match(r"^(\S+)\s+(\d+)$", line.strip())
-        if not m:
-            break
-        counts[m.group(1)] = int(m.group(2))
-    counts.pop("total", None)
-    return counts
 
 
 def write_config(workdir, cfg):
