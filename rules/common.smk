@@ -94,11 +94,16 @@ def report_outputs():
 # --- the toy zoo (rules/toy.smk): what a train block reads --------------------------------------
 
 
+def corpus_file(name):
+    """The materialised corpus `name` (rule corpus's output)."""
+    return rules.corpus.output[0].format(corpus=name)
+
+
 def train_inputs(settings):
     """Corpus Parquet files a train block reads (LM corpus, haystack corpus)."""
-    out = {"corpus": f"results/data/corpora/{settings['corpus']}.parquet"}
+    out = {"corpus": corpus_file(settings["corpus"])}
     if settings.get("haystack"):
-        out["haystack"] = f"results/data/corpora/{settings['haystack']}.parquet"
+        out["haystack"] = corpus_file(settings["haystack"])
     return out
 
 

@@ -4,7 +4,7 @@
 
 rule needle:
     input:
-        haystack=lambda wc: f"results/data/corpora/{config['needle']['haystack']}.parquet",
+        haystack=lambda wc: corpus_file(config["needle"]["haystack"]),
         model=model_inputs,
     output:
         "results/needle/model={model}/method={method}/length={length}/depth={depth}.parquet",
