@@ -59,7 +59,7 @@ def eager_probs(model, input_ids, attention_mask=None):
             out = model(input_ids, attention_mask=attention_mask, output_attentions=True)
     finally:
         model.set_attn_implementation("sdpa")
-    return [a.double().numpy() for a in out.attentions]
+    return [a.double().cpu().numpy() for a in out.attentions]
 
 
 def reference(probs, spec, valid=None, keys_in_call=None):
@@ -506,6 +506,95 @@ def test_no_quadratic_tensor(monkeypatch):
     assert 0 < spy.largest <= rows * heads * (length + 1)
     ref = reference(eager_probs(model, x), spec)
     assert_matches(rec.table(), ref)
+
+
+def causal_probs(q, k, scale):
+    """(B, H, L, L) causal softmax in float64 from q (B, H, L, D) and k (B, Hkv, L, D)."""
+    q, k = q.double().cpu(), k.double().cpu().repeat_interleave(q.shape[1] // k.shape[1], 1)
+    s = (q @ k.transpose(-1, -2)) * scale
+    L = q.shape[2]
+    s = s.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(s, -1).numpy()
+
+
+def direct(q, k, v, spec):
+    module = torch.nn.Module()
+    module.layer_idx, module.is_causal = 0, True
+    rec = att.AttentionRecorder(spec)
+    prev, att._ACTIVE = att._ACTIVE, rec
+    try:
+        out, _ = att.stats_attention_forward(module, q, k, v, None, scaling=q.shape[-1] ** -0.5)
+    finally:
+        att._ACTIVE = prev
+    return rec, out
+
+
+def tf32_flag():
+    mm = torch.backends.cuda.matmul
+    return mm.fp32_precision if hasattr(mm, "fp32_precision") else mm.allow_tf32
+
+
+HALF_SPEC = dict(position_bins=6, distance_bins=8, spans=[(5, 9)], memory_budget_bytes=60_000)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scaled_after_matmul(monkeypatch, dtype):
+    """The CUDA half-precision branch (unscaled q in the matmul, logits scaled after, TF32 flag set
+    and restored) run on CPU: statistics of the half inputs as a float64 reference gives them."""
+    B, H, Hkv, L, D = 2, 4, 2, 70, 16
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(B, n, L, D, generator=g).mul(2).to(dtype) for n in (H, Hkv, Hkv))
+    spec = StatsSpec(**HALF_SPEC, query_start=30)
+    monkeypatch.setattr(att, "_tf32_exact", lambda query: True)
+    before = tf32_flag()
+    rec, out = direct(q, k, v, spec)
+    assert tf32_flag() == before
+    assert_matches(rec.table(), reference([causal_probs(q, k, D**-0.5)], spec), tol=1e-5)
+    kr, vr = (t.repeat_interleave(H // Hkv, 1) for t in (k, v))
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+    assert out.dtype == dtype
+    assert (out.float() - sdpa.transpose(1, 2).float()).abs().max().item() < 2e-2
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("kv_heads,start", [(4, 0), (2, 0), (2, 45)])
+def test_cuda_model_matches_eager(kv_heads, start):
+    """fp32 on CUDA: SDPA's logits within 1e-5, the eager probabilities' statistics within 1e-4,
+    over several chunks, with and without the fast path."""
+    model = make_model(kv_heads=kv_heads).cuda()
+    x = ids(2, FAST_LENGTH).cuda()
+    spec = StatsSpec(**FAST_SPEC, query_start=start, memory_budget_bytes=FAST_BUDGET)
+    rec, logits = run_stats(model, x, spec)
+    assert rec.chunks > 2 * model.config.num_hidden_layers
+    assert rec.layers[0]["sums"].device.type == "cuda"
+    with torch.no_grad():
+        ref_logits = model(x).logits
+    assert (logits - ref_logits).abs().max().item() < 1e-5
+    assert_matches(rec.table(), reference(eager_probs(model, x), spec))
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_half_inputs_exact_statistics(dtype):
+    """Half inputs on CUDA take TF32 matmuls: the statistics still equal a float64 reference of
+    the same half q/k within 1e-4 (a TF32-rounded scaled q would be off by ~1e-3)."""
+    B, H, Hkv, L, D = 2, 4, 2, 300, 64
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(B, n, L, D, generator=g).mul(1.5) for n in (H, Hkv, Hkv))
+    q, k, v = (t.to(dtype).cuda() for t in (q, k, v))
+    spec = StatsSpec(**{**HALF_SPEC, "spans": [(100, 140)]}, query_start=200)
+    before = tf32_flag()
+    rec, out = direct(q, k, v, spec)
+    assert tf32_flag() == before
+    assert rec.fast_queries == 200 and rec.chunks > 1
+    assert_matches(rec.table(), reference([causal_probs(q, k, D**-0.5)], spec))
+    kr, vr = (t.repeat_interleave(H // Hkv, 1) for t in (k, v))
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+    # |out| < 4: a few half-precision steps (flash kernels round P to half as well)
+    assert (out.float() - sdpa.transpose(1, 2).float()).abs().max().item() < 5e-2
 
 
 def test_js_divergence():

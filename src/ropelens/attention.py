@@ -21,6 +21,11 @@ Fast path: in a causal prefill without mask (queries and keys both at positions 
 queries before ``StatsSpec.query_start`` need only the keys before them and are not counted, so
 their output comes from the fused SDPA kernel on that prefix (exact, in the input dtype); only the
 counted queries go through the statistics chunks.
+
+CUDA with bf16/fp16 inputs: the chunk matmuls run on TF32 tensor cores. Half-precision values are
+exact in TF32, so Q K^T (scaled afterwards, in fp32) has exact products accumulated in fp32, as in
+plain fp32; P V rounds P to TF32's 10-bit mantissa, no coarser than the half-precision output it
+feeds. The statistics always come from the fp32 probabilities. fp32 inputs keep fp32 matmuls.
 """
 
 from __future__ import annotations
@@ -171,7 +176,9 @@ def stats_attention_forward(
     off = Lk - Lq  # absolute position of query 0
     dev, f32 = query.device, torch.float32
     fmin = torch.finfo(f32).min
-    q32, k32, v32 = query.to(f32) * scaling, key.to(f32), value.to(f32)
+    tf32 = _tf32_exact(query)  # TF32 matmuls on unscaled q, logits scaled after
+    q32 = query.to(f32) if tf32 else query.to(f32) * scaling
+    k32, v32 = key.to(f32), value.to(f32)
     acc = rec._acc(module.layer_idx, H, dev)
     rec.calls += 1
 
@@ -265,6 +272,8 @@ def stats_attention_forward(
         qc = q32[:, :, c0:c1].reshape(B, Hkv, g * n, D)
         s = buffers.s[: B * H * n * kend].view(B, Hkv, g * n, kend)
         torch.matmul(qc, k32[:, :, :kend].transpose(-1, -2), out=s)
+        if tf32:
+            s.mul_(scaling)
         s4 = s.view(B, H, n, kend)
         if m is None:
             if is_causal and off + c0 + 1 < kend:  # mask k > q in the trailing triangle
@@ -314,13 +323,41 @@ def stats_attention_forward(
         finally:
             torch.set_num_threads(threads)
     else:
-        results = [chunk(c0) for c0 in starts]
+        with _tf32_matmuls(tf32):
+            results = [chunk(c0) for c0 in starts]
     if results:  # none when the fast path took every query (none counted)
         acc["sums"] += torch.stack([sums for sums, _ in results]).sum(0)
         # the last chunk holds the call's last query
         cnt, last = results[-1][1].unbind(-1)
         acc["entropy_last"] = torch.where(cnt > 0, last / cnt.clamp(min=1), acc["entropy_last"])
     return out, None
+
+
+def _tf32_exact(query: torch.Tensor) -> bool:
+    """Whether the chunk matmuls may use TF32: CUDA, and half-precision inputs (exact in TF32)."""
+    return query.device.type == "cuda" and query.dtype in (torch.float16, torch.bfloat16)
+
+
+@contextmanager
+def _tf32_matmuls(enabled: bool):
+    """Let CUDA fp32 matmuls use TF32 tensor cores inside the block (restored on exit)."""
+    mm = torch.backends.cuda.matmul
+    if not enabled:
+        yield
+    elif hasattr(mm, "fp32_precision"):  # torch >= 2.9
+        prev = mm.fp32_precision
+        mm.fp32_precision = "tf32"
+        try:
+            yield
+        finally:
+            mm.fp32_precision = prev
+    else:
+        prev = mm.allow_tf32
+        mm.allow_tf32 = True
+        try:
+            yield
+        finally:
+            mm.allow_tf32 = prev
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, stats_attention_forward)
