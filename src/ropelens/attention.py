@@ -7,7 +7,12 @@ probabilities and reduces them to:
 
 - entropy (nats) of each query's distribution over keys, via H = lse - sum(p * s);
 - mass per bin of normalised key position k / Lk, per log-spaced distance bin of d = q - k,
-  and per key span, all read from prefix sums of p evaluated at bin boundaries.
+  and per key span, all read from prefix sums S(b) = sum_{k<b} p_k at the bin boundaries. The
+  masses are linear in S, so a call sums S over its counted queries and converts once.
+
+On CPU one compiled pass per probability row (``ropelens.rowstats``, numba) gives sum(p * s), the
+maxima and the prefix sums; elsewhere torch operations do (key-block sums plus gathered partial
+blocks).
 
 Positions are indices into the key tensor (cache slots, left padding included); query i of a call
 sits at Lk - Lq + i. Queries without any visible key (padding) are not counted. Keys after the query
@@ -42,10 +47,13 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
+from ropelens import rowstats
+
 ATTN_IMPLEMENTATION = "ropelens_stats"
 BLOCK = 32  # key block width for the prefix sums (partial blocks are gathered)
 CPU_CHUNK_BYTES = 16 * 2**20  # CPU chunks' logits + probabilities: cache-sized is much faster
 FAST_PATH = True  # uncounted leading queries of a causal unmasked prefill via fused SDPA
+CPU_KERNEL = True  # CPU chunks reduce their rows with ropelens.rowstats (else torch operations)
 
 
 @dataclass
@@ -215,6 +223,9 @@ def stats_attention_forward(
     bounds = base + positions[:, None] * per_query  # (Lq, boundaries)
     counted = positions >= spec.query_start
     lane = torch.arange(BLOCK, device=dev)
+    kernel = dev.type == "cpu" and CPU_KERNEL
+    if kernel:  # boundaries in ascending order per query (clamping keeps the order)
+        sorted_bounds, sorted_order = (x.numpy() for x in torch.sort(bounds, dim=-1, stable=True))
 
     out = torch.empty(B, Lq, H, Dv, dtype=query.dtype, device=dev)
     # Fast path: with queries and keys both at 0..Lq-1 (off == 0), causal and unmasked, queries
@@ -245,7 +256,7 @@ def stats_attention_forward(
 
     def chunk(c0: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Attend queries [c0, c0 + rows): write their output; return per-head sums of their
-        [count, entropy, masses...] and [count, entropy] of the call's last query."""
+        [count, entropy, S(boundaries)...] and [count, entropy] of the call's last query."""
         c1 = min(Lq, c0 + rows)
         n = c1 - c0
         if not hasattr(buffers, "s"):  # one pair per worker thread
@@ -292,6 +303,8 @@ def stats_attention_forward(
 
         # entropy: lse - sum(p * s), with lse = max(s) - log max(p)
         p4 = p.view(B, H, n, kend)
+        if kernel:  # CPU: one compiled pass per row (ropelens.rowstats)
+            return rowstats.accumulate(s4, p4, sorted_bounds, sorted_order, c0, sel)
         ent = s4.amax(-1) - p4.amax(-1).log() - s4.mul_(p4).sum(-1)
 
         # prefix sums at the boundaries: whole key blocks + a gathered partial block
@@ -307,9 +320,8 @@ def stats_attention_forward(
             idx = (blk[..., None] * BLOCK + lane).clamp_(max=kend - 1).flatten(1)
             part = p4.gather(-1, idx.expand(B, H, n, -1)).unflatten(-1, (-1, BLOCK))
             pre = cum.gather(-1, blk.expand(B, H, n, -1)) + (part * (lane < rem[..., None])).sum(-1)
-        masses = pre @ diff + const
 
-        stats = torch.cat([torch.ones_like(ent)[..., None], ent[..., None], masses], -1)
+        stats = torch.cat([torch.ones_like(ent)[..., None], ent[..., None], pre], -1)
         stats = torch.where(sel[..., None], stats, 0.0).to(acc["sums"].dtype)
         return stats.sum((0, 2)), stats[:, :, -1, :2].sum(0)
 
@@ -326,7 +338,10 @@ def stats_attention_forward(
         with _tf32_matmuls(tf32):
             results = [chunk(c0) for c0 in starts]
     if results:  # none when the fast path took every query (none counted)
-        acc["sums"] += torch.stack([sums for sums, _ in results]).sum(0)
+        # sums of [count, entropy, S(boundaries)]; masses are linear in S, so convert the sums
+        tot = torch.stack([sums for sums, _ in results]).sum(0).to(acc["sums"])
+        masses = tot[:, 2:] @ diff.to(tot) + tot[:, :1] * const.to(tot)
+        acc["sums"] += torch.cat([tot[:, :2], masses], -1)
         # the last chunk holds the call's last query
         cnt, last = results[-1][1].unbind(-1)
         acc["entropy_last"] = torch.where(cnt > 0, last / cnt.clamp(min=1), acc["entropy_last"])
