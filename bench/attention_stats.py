@@ -1,11 +1,14 @@
 """Cost of streamed attention statistics: SDPA vs ropelens_stats vs eager output_attentions.
 
-Toy LLaMA with random weights, one forward over random tokens. Seconds: SDPA and stats forwards
-alternate in one process (so a busy spell on a shared machine hits both alike), min over repeats;
-eager is timed in its own process. Peak memory: one fresh process per mode (peak RSS on CPU,
-torch.cuda.max_memory_allocated on CUDA), as the increase over the state before the first forward.
+LLaMA with random weights (a toy by default; any shape by flags), one forward over random tokens.
+Seconds: SDPA and stats forwards alternate in one process (so a busy spell on a shared machine hits
+both alike), min over repeats; eager is timed in its own process. Peak memory, as the increase over
+the state before the forward: on CPU one fresh process per mode (peak RSS); on CUDA
+torch.cuda.max_memory_allocated, reset before each forward of the timing process.
 
     PYTHONPATH=src python bench/attention_stats.py --lengths 2048 4096 8192 --threads 2
+    PYTHONPATH=src python bench/attention_stats.py --device cuda --dtype bfloat16 --hidden 4096 \
+        --intermediate 11008 --layers 32 --heads 32 --kv-heads 32 --vocab 32000 --lengths 32768
 """
 
 from __future__ import annotations
@@ -92,7 +95,13 @@ def worker(args, job: str, length: int) -> dict:
         attn_implementation="eager" if job == "eager" else "sdpa",
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval().to(device=args.device, dtype=getattr(torch, args.dtype))
+    if cuda:  # built in place: a 7B-shaped model would take minutes to initialise on the CPU
+        torch.set_default_dtype(getattr(torch, args.dtype))
+        with torch.device(args.device):
+            model = LlamaForCausalLM(cfg).eval()
+        torch.set_default_dtype(torch.float32)
+    else:
+        model = LlamaForCausalLM(cfg).eval().to(dtype=getattr(torch, args.dtype))
     ids = torch.randint(0, args.vocab, (args.batch, length), device=args.device)
     spec = StatsSpec(
         spans=[(length // 2, length // 2 + 16)],
@@ -113,10 +122,19 @@ def worker(args, job: str, length: int) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
+    peaks = {}
+
     def timed(mode):
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
         forward(mode)
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        if cuda:
+            peaks[mode] = max(peaks.get(mode, 0), torch.cuda.max_memory_allocated() - base)
+        return seconds
 
     with torch.no_grad():
         if job == "time":
@@ -126,7 +144,17 @@ def worker(args, job: str, length: int) -> dict:
                     t = timed(mode)
                     if i:
                         best[mode] = min(best[mode], t)
+            if cuda:
+                return {"seconds": best, "peak_bytes": peaks, "gpu": torch.cuda.get_device_name()}
             return {"seconds": best}
+        # one short forward of the same mode first: loads what is loaded once per process (the
+        # compiled row kernel of the statistics, SDPA's and eager's code paths), not per length
+        warm = ids[:, :64]
+        if job == "stats":
+            with record_attention(model, StatsSpec()):
+                model(warm, logits_to_keep=1)
+        else:
+            model(warm, logits_to_keep=1, output_attentions=job == "eager")
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -164,18 +192,58 @@ def mib(n: float) -> str:
     return f"{n / 2**20:,.0f}"
 
 
+def report(args, argv, rows, base, gpu) -> str:
+    import torch
+
+    bench = "bench/attention_stats.py"
+    if args.device == "cuda":
+        where = f"{gpu or 'cuda'}"
+        peak = (
+            "Peak: torch.cuda.max_memory_allocated over a forward minus the allocation before it "
+            "(weights excluded), max over that mode's forwards in the timing process."
+        )
+    else:
+        where = f"cpu, {args.threads} threads"
+        peak = (
+            "Peak: increase of peak RSS over the state before the forward, one fresh process per "
+            f"mode, after a 64-token forward of that mode (process baseline {mib(base or 0)} MiB)."
+        )
+    lines = [
+        f"Command: `PYTHONPATH=src python {shlex.join([bench, *argv])}`",
+        "",
+        f"Model: LLaMA, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, "
+        f"{args.kv_heads} kv heads, intermediate {args.intermediate}, vocab {args.vocab}, random "
+        f"weights, {args.dtype}, batch {args.batch}, {where}, torch {torch.__version__}. "
+        f"Statistics over the last {args.query_fraction:g} of the queries (StatsSpec.query_start "
+        f"= L - int(L * fraction)), memory budget {mib(args.budget_bytes)} MiB. Seconds: one "
+        f"forward, min of {args.repeat} after a warm-up; SDPA and stats alternate in one process, "
+        f"eager runs in its own. {peak} CPU wait: Linux PSI cpu some avg60 before / after the "
+        "SDPA and stats measurements of that length (other jobs competing for the cores).",
+        "",
+        "| L | SDPA s | stats s | stats / SDPA | eager s | SDPA peak MiB | stats peak MiB "
+        "| eager peak MiB | CPU wait |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args, args.worker[0], int(args.worker[1]))))
         return
-    import torch
-
-    rows, base = [], None
+    rows, base, gpu = [], None, None
     for length in args.lengths:
         busy = cpu_pressure()
-        res = {job: run_worker(args, argv, job, length) for job in ("time", "sdpa", "stats")}
+        res = {"time": run_worker(args, argv, "time", length)}
+        if args.device == "cuda":  # peaks come from the timing process
+            for mode in ("sdpa", "stats"):
+                peak = res["time"].get("peak_bytes", {}).get(mode)
+                res[mode] = {"peak_bytes": peak} if peak is not None else {}
+        else:
+            res.update({job: run_worker(args, argv, job, length) for job in ("sdpa", "stats")})
         busy += " / " + cpu_pressure()
         est = eager_bytes(args, length)
         if est > args.eager_max_bytes:
@@ -184,6 +252,7 @@ def main(argv=None):
             res["eager"] = run_worker(args, argv, "eager", length)
         print(f"# L={length}: {res}", file=sys.stderr, flush=True)
         base = base or res["sdpa"].get("base_bytes")
+        gpu = gpu or res["time"].get("gpu")
         t = res["time"].get("seconds")
         err = res["time"].get("error", "-")
         sdpa, stats = (f"{t[m]:.2f}" if t else err for m in ("sdpa", "stats"))
@@ -194,35 +263,14 @@ def main(argv=None):
         peaks = " | ".join("-" if p is None else mib(p) for p in peaks)
         rows.append(f"| {length} | {sdpa} | {stats} | {ratio} | {eager} | {peaks} | {busy} |")
         print(rows[-1], flush=True)
+        if args.out:  # after every length, so that a run cut short keeps its rows
+            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+            with open(args.out, "w") as f:
+                f.write(report(args, argv, rows, base, gpu))
 
-    unit = "RSS" if args.device == "cpu" else "CUDA allocated"
-    bench = "bench/attention_stats.py"
-    lines = [
-        f"Command: `PYTHONPATH=src python {shlex.join([bench, *argv])}`",
-        "",
-        f"Model: LLaMA, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, "
-        f"{args.kv_heads} kv heads, intermediate {args.intermediate}, vocab {args.vocab}, random "
-        f"weights, {args.dtype}, batch {args.batch}, {args.device}, {args.threads} threads, "
-        f"torch {torch.__version__}. Statistics over the last {args.query_fraction:g} of the "
-        "queries (StatsSpec.query_start = L - int(L * fraction)). Seconds: one forward, min of "
-        f"{args.repeat} after a warm-up; "
-        "SDPA and stats alternate in one process, eager runs in its own. Peak: increase of peak "
-        f"{unit} over the state before the forward, one fresh process per mode (process baseline "
-        f"{mib(base or 0)} MiB). CPU wait: Linux PSI cpu some avg60 before / after the "
-        "SDPA and stats measurements of that length (other jobs competing for the cores).",
-        "",
-        "| L | SDPA s | stats s | stats / SDPA | eager s | SDPA peak MiB | stats peak MiB "
-        "| eager peak MiB | CPU wait |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *rows,
-    ]
-    report = "\n".join(lines) + "\n"
+    text = report(args, argv, rows, base, gpu)
     print()
-    print(report)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(report)
+    print(text)
 
 
 if __name__ == "__main__":
