@@ -27,11 +27,19 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def kernel_not_loaded(monkeypatch):
+    """Every test starts as a fresh process does: the CPU row kernel not loaded, no work done."""
+    monkeypatch.setattr(att, "_rowstats", None)
+    monkeypatch.setattr(att, "_work", 0)
+
+
 @pytest.fixture(params=[True, False], ids=["rowstats", "torch-ops"])
 def kernel(request, monkeypatch):
-    """CPU chunks reduce rows with the compiled kernel, or with the torch operations that other
-    devices use: both against the same references."""
+    """CPU chunks reduce rows with the compiled kernel (loaded whatever the work), or with the
+    torch operations that other devices use: both against the same references."""
     monkeypatch.setattr(att, "CPU_KERNEL", request.param)
+    monkeypatch.setattr(att, "CPU_KERNEL_MIN_WORK", 0)
     return request.param
 
 
@@ -606,6 +614,27 @@ def test_cuda_half_inputs_exact_statistics(dtype):
     sdpa = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True)
     # |out| < 4: a few half-precision steps (flash kernels round P to half as well)
     assert (out.float() - sdpa.transpose(1, 2).float()).abs().max().item() < 5e-2
+
+
+def test_row_kernel_loaded_once_work_adds_up(monkeypatch):
+    """Calls run with torch operations, leaving the kernel unloaded, until the process's work
+    reaches CPU_KERNEL_MIN_WORK; the call that reaches it and every later one use the kernel."""
+    model = make_model(kv_heads=2)  # 2 layers x 4 heads
+    spec = StatsSpec(spans=[(5, 9)])
+    per_call = 4 * att._visible_keys(40, 40, 0)  # 40 queries see 40 * 41 / 2 keys in all
+    monkeypatch.setattr(att, "CPU_KERNEL_MIN_WORK", 3 * per_call)
+    from ropelens import rowstats
+
+    used = []
+    real = rowstats.accumulate
+    monkeypatch.setattr(rowstats, "accumulate", lambda *a: used.append(1) or real(*a))
+    first, _ = run_stats(model, ids(1, 40), spec)  # layers 0 and 1: 2 calls' work
+    assert att._rowstats is None and att._work == 2 * per_call and not used
+    second, _ = run_stats(model, ids(1, 40), spec)  # layer 0 reaches 3 calls: loaded
+    assert att._rowstats is not None and len(used) == 2  # one chunk per layer
+    for r1, r2 in zip(first.table().to_pylist(), second.table().to_pylist()):
+        for key, val in r1.items():  # torch operations and the kernel: the same statistics
+            np.testing.assert_allclose(val, r2[key], atol=2e-6, rtol=0, err_msg=key)
 
 
 def test_js_divergence():

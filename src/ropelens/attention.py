@@ -11,8 +11,9 @@ probabilities and reduces them to:
   masses are linear in S, so a call sums S over its counted queries and converts once.
 
 On CPU one compiled pass per probability row (``ropelens.rowstats``, numba) gives sum(p * s), the
-maxima and the prefix sums; elsewhere torch operations do (key-block sums plus gathered partial
-blocks).
+maxima and the prefix sums, once the process has done enough statistics work to repay loading it
+(CPU_KERNEL_MIN_WORK); before that, and on other devices, torch operations do (key-block sums plus
+gathered partial blocks).
 
 Positions are indices into the key tensor (cache slots, left padding included); query i of a call
 sits at Lk - Lq + i. Queries without any visible key (padding) are not counted. Keys after the query
@@ -47,13 +48,18 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from ropelens import rowstats
-
 ATTN_IMPLEMENTATION = "ropelens_stats"
 BLOCK = 32  # key block width for the prefix sums (partial blocks are gathered)
 CPU_CHUNK_BYTES = 16 * 2**20  # CPU chunks' logits + probabilities: cache-sized is much faster
 FAST_PATH = True  # uncounted leading queries of a causal unmasked prefill via fused SDPA
 CPU_KERNEL = True  # CPU chunks reduce their rows with ropelens.rowstats (else torch operations)
+# Loading the kernel (numba import + cached machine code) costs ~0.4 s per process and it saves
+# ~1.3 ns per (query, key, head) element over the torch operations. So a process runs its calls
+# with torch operations until their work adds up to about what the load costs (rent, then buy:
+# never more than twice the better choice in hindsight), then loads the kernel for good.
+CPU_KERNEL_MIN_WORK = 2**28
+_rowstats = None  # ropelens.rowstats once loaded
+_work = 0  # statistics work of this process's CPU calls so far
 
 
 @dataclass
@@ -223,9 +229,6 @@ def stats_attention_forward(
     bounds = base + positions[:, None] * per_query  # (Lq, boundaries)
     counted = positions >= spec.query_start
     lane = torch.arange(BLOCK, device=dev)
-    kernel = dev.type == "cpu" and CPU_KERNEL
-    if kernel:  # boundaries in ascending order per query (clamping keeps the order)
-        sorted_bounds, sorted_order = (x.numpy() for x in torch.sort(bounds, dim=-1, stable=True))
 
     out = torch.empty(B, Lq, H, Dv, dtype=query.dtype, device=dev)
     # Fast path: with queries and keys both at 0..Lq-1 (off == 0), causal and unmasked, queries
@@ -244,6 +247,11 @@ def stats_attention_forward(
         )
         out[:, :fast] = o.transpose(1, 2)
         rec.fast_queries += fast
+
+    # CPU: the chunks' rows reduced by the compiled kernel, where its load is repaid
+    kernel = dev.type == "cpu" and CPU_KERNEL and _row_kernel(B * H * _visible_keys(Lq, Lk, fast))
+    if kernel:  # boundaries in ascending order per query (the kernel clamps them, keeping order)
+        sorted_bounds, sorted_order = (x.numpy() for x in torch.sort(bounds, dim=-1, stable=True))
 
     # CPU: chunks run on a pool of Python threads with single-threaded ops, which beats intra-op
     # threading here (many mid-sized ops, each its own parallel region), above all on busy machines
@@ -304,7 +312,7 @@ def stats_attention_forward(
         # entropy: lse - sum(p * s), with lse = max(s) - log max(p)
         p4 = p.view(B, H, n, kend)
         if kernel:  # CPU: one compiled pass per row (ropelens.rowstats)
-            return rowstats.accumulate(s4, p4, sorted_bounds, sorted_order, c0, sel)
+            return _rowstats.accumulate(s4, p4, sorted_bounds, sorted_order, c0, sel)
         ent = s4.amax(-1) - p4.amax(-1).log() - s4.mul_(p4).sum(-1)
 
         # prefix sums at the boundaries: whole key blocks + a gathered partial block
@@ -346,6 +354,25 @@ def stats_attention_forward(
         cnt, last = results[-1][1].unbind(-1)
         acc["entropy_last"] = torch.where(cnt > 0, last / cnt.clamp(min=1), acc["entropy_last"])
     return out, None
+
+
+def _visible_keys(Lq: int, Lk: int, first: int) -> int:
+    """(query, key) pairs of a causal call's queries [first, Lq) (query i sees Lk - Lq + i + 1)."""
+    off = Lk - Lq
+    return (Lq - first) * (off + 1) + (Lq * (Lq - 1) - first * (first - 1)) // 2
+
+
+def _row_kernel(work: int) -> bool:
+    """Whether this call reduces rows with ropelens.rowstats: once loaded always; before, when
+    the process's work so far, this call's included (query x visible key x head x batch
+    elements), has reached CPU_KERNEL_MIN_WORK."""
+    global _rowstats, _work
+    _work += work
+    if _rowstats is None and _work >= CPU_KERNEL_MIN_WORK:
+        from ropelens import rowstats
+
+        _rowstats = rowstats
+    return _rowstats is not None
 
 
 def _tf32_exact(query: torch.Tensor) -> bool:

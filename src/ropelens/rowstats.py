@@ -10,7 +10,9 @@ returns (heads, 2 + boundaries) sums, not rows.
 It replaces some twenty torch operations per chunk (key-block sums, gathered partial blocks,
 masks, concatenation): one attention layer at 8K on 2 threads goes from 2.41x to 1.69x of SDPA
 (docs/BENCHMARKS.md). The kernel releases the GIL, so the attention's worker threads run it side
-by side. float32 sums, like the torch path; compiled once per machine (numba's cache).
+by side. float32 sums, like the torch path; compiled once per machine (numba's cache). Importing
+numba and loading the machine code take ~0.4 s, so ``ropelens.attention`` imports this module
+only once a process has done enough statistics work to repay that (CPU_KERNEL_MIN_WORK).
 """
 
 from __future__ import annotations
