@@ -146,6 +146,20 @@ def run_stats(model, input_ids, spec, attention_mask=None):
     return rec, logits
 
 
+def direct(q, k, v, spec, mask=None):
+    """The attention function itself on q (B, H, L, D), k and v (B, Hkv, L, D): its recorder
+    and output."""
+    module = torch.nn.Module()
+    module.layer_idx, module.is_causal = 0, True
+    rec = att.AttentionRecorder(spec)
+    prev, att._ACTIVE = att._ACTIVE, rec
+    try:
+        out, _ = att.stats_attention_forward(module, q, k, v, mask, scaling=q.shape[-1] ** -0.5)
+    finally:
+        att._ACTIVE = prev
+    return rec, out
+
+
 @pytest.mark.parametrize("kv_heads,length", [(4, 37), (2, 70), (1, 53)])
 def test_matches_eager_and_sdpa(kv_heads, length, kernel):
     model = make_model(kv_heads=kv_heads, layers=3 if kv_heads == 2 else 2)
@@ -304,21 +318,16 @@ def test_fast_path_direct(monkeypatch, where, threads):
     B, H, Hkv, L, D = 2, 4, 2, FAST_LENGTH, 16
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(B, n, L, D, generator=g) * 2 for n in (H, Hkv, Hkv))
-    module = torch.nn.Module()
-    module.layer_idx, module.is_causal, module.num_key_value_groups = 0, True, H // Hkv
     start = fast_starts()[where]
     spec = StatsSpec(**FAST_SPEC, query_start=start, memory_budget_bytes=FAST_BUDGET)
 
     def call(fast):
         monkeypatch.setattr(att, "FAST_PATH", fast)
-        rec = att.AttentionRecorder(spec)
-        monkeypatch.setattr(att, "_ACTIVE", rec)
         torch.set_num_threads(threads)
         try:
-            out, _ = att.stats_attention_forward(module, q, k, v, None, scaling=D**-0.5)
+            return direct(q, k, v, spec)
         finally:
             torch.set_num_threads(1)
-        return rec, out
 
     rec, out = call(True)
     rec_slow, out_slow = call(False)
@@ -423,7 +432,7 @@ def test_bf16_close_to_fp32():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_float_mask_direct(monkeypatch, dtype, kernel):
+def test_float_mask_direct(dtype, kernel):
     """Additive float mask (with a bias and a non-causal pattern) through the function itself."""
     B, H, Hkv, L, D = 2, 4, 2, 50, 16
     g = torch.Generator().manual_seed(3)
@@ -435,13 +444,9 @@ def test_float_mask_direct(monkeypatch, dtype, kernel):
     mask = mask.masked_fill(hidden, fmin).expand(B, 1, L, L).clone()
     mask[1, :, 5] = fmin  # one fully masked query
     mask = mask.to(dtype)
-    module = torch.nn.Module()
-    module.layer_idx, module.is_causal, module.num_key_value_groups = 0, True, H // Hkv
     spec = StatsSpec(position_bins=6, distance_bins=7, spans=[(10, 20)], memory_budget_bytes=40_000)
-    rec = att.AttentionRecorder(spec)
-    monkeypatch.setattr(att, "_ACTIVE", rec)
     args = [t.to(dtype) for t in (q, k, v)]
-    out, _ = att.stats_attention_forward(module, *args, mask, scaling=D**-0.5)
+    rec, out = direct(*args, spec, mask)
     assert rec.chunks > 2 and out.dtype == dtype and out.shape == (B, L, H, D)
     kr, vr = (t.repeat_interleave(H // Hkv, 1) for t in args[1:])
     sdpa = torch.nn.functional.scaled_dot_product_attention(args[0], kr, vr, mask)
@@ -534,18 +539,6 @@ def causal_probs(q, k, scale):
     L = q.shape[2]
     s = s.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
     return torch.softmax(s, -1).numpy()
-
-
-def direct(q, k, v, spec):
-    module = torch.nn.Module()
-    module.layer_idx, module.is_causal = 0, True
-    rec = att.AttentionRecorder(spec)
-    prev, att._ACTIVE = att._ACTIVE, rec
-    try:
-        out, _ = att.stats_attention_forward(module, q, k, v, None, scaling=q.shape[-1] ** -0.5)
-    finally:
-        att._ACTIVE = prev
-    return rec, out
 
 
 def tf32_flag():
