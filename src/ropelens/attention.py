@@ -248,14 +248,14 @@ def stats_attention_forward(
         out[:, :fast] = o.transpose(1, 2)
         rec.fast_queries += fast
 
+    cpu = dev.type == "cpu"
     # CPU: the chunks' rows reduced by the compiled kernel, where its load is repaid
-    kernel = dev.type == "cpu" and CPU_KERNEL and _row_kernel(B * H * _visible_keys(Lq, Lk, fast))
+    kernel = cpu and CPU_KERNEL and _row_kernel(B * H * _visible_keys(Lq, Lk, fast))
     if kernel:  # boundaries in ascending order per query (the kernel clamps them, keeping order)
         sorted_bounds, sorted_order = (x.numpy() for x in torch.sort(bounds, dim=-1, stable=True))
 
     # CPU: chunks run on a pool of Python threads with single-threaded ops, which beats intra-op
     # threading here (many mid-sized ops, each its own parallel region), above all on busy machines
-    cpu = dev.type == "cpu"
     workers = torch.get_num_threads() if cpu and Lq - fast > 1 else 1
     rows = min(Lq - fast, chunk_rows(spec, B, H, Lk, workers, cpu)) if fast < Lq else 1
     starts = range(fast, Lq, rows)  # the counted queries, chunk by chunk
