@@ -1,0 +1,201 @@
+"""The table of tiny random architectures for the conformance matrix (tests/test_conformance.py).
+
+One entry per decoder architecture in the installed transformers whose attention uses RoPE, built
+purely from its config class (no download): hidden 64, 2-4 layers (enough for every layer type the
+architecture has), vocabulary 300 (above the byte tokenizer's 260), sliding window 16 where the
+architecture has one. GPT-2 is the one entry without RoPE (``has_rope=False``): it must be refused.
+
+Adding an architecture is one ``Arch(...)`` line in ARCHS. ``build(name)`` returns the model with
+attention made peaked (q/k projections scaled, so that attention is far from uniform and an error
+cannot hide in near-uniform probabilities); ``write(name, dir)`` saves it with the byte tokenizer
+as a local Hugging Face directory that ropelens cells load by path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VOCAB = 300
+WINDOW = 16
+PEAK = 8.0  # q/k projection weights are scaled by this much (logits x 64)
+NORM_PEAK = 2.0  # q/k norm weights (after the norm logits are already O(1)): logits x 4
+BASE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+    bos_token_id=256,
+    eos_token_id=257,
+    pad_token_id=259,
+)
+GQA = dict(num_key_value_heads=2)
+SLIDE2 = dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])
+MLA = dict(  # DeepSeek multi-head latent attention: rope part 8, nope part 8, value head 16
+    q_lora_rank=32,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    moe_intermediate_size=32,
+    first_k_dense_replace=1,
+    n_group=1,
+    topk_group=1,
+)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One row of the matrix: a config class, its kwargs (over BASE) and what it exercises."""
+
+    name: str
+    config: str  # class name in transformers
+    kwargs: dict = field(default_factory=dict)
+    has_rope: bool = True
+    sliding: bool = False  # some layers attend within a sliding window
+    softcap: bool = False  # attention logit soft-capping
+    partial_rotary: bool = False  # rotary dimension < head dimension
+    layer_type_rope: bool = False  # RoPE parameters per layer type
+    mla: bool = False  # multi-head latent attention (value head dim != key head dim)
+    base: bool = True  # kwargs go over BASE (False: the config's own names, e.g. GPT-2)
+
+    def config_kwargs(self) -> dict:
+        return {**BASE, **self.kwargs} if self.base else dict(self.kwargs)
+
+    def make_config(self):
+        import transformers
+
+        return getattr(transformers, self.config)(**self.config_kwargs())
+
+
+ARCHS: list[Arch] = [
+    Arch("llama", "LlamaConfig"),
+    Arch("llama-gqa", "LlamaConfig", GQA),
+    Arch("mistral", "MistralConfig", {**GQA, "sliding_window": WINDOW}, sliding=True),
+    Arch(
+        "qwen2",
+        "Qwen2Config",
+        {**GQA, "use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1},
+        sliding=True,
+    ),
+    Arch("qwen3", "Qwen3Config", {**GQA, "head_dim": 16}),
+    Arch(
+        "gemma2",
+        "Gemma2Config",
+        {
+            **GQA,
+            **SLIDE2,
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,
+            "attn_logit_softcapping": 5.0,
+            "final_logit_softcapping": 30.0,
+        },
+        sliding=True,
+        softcap=True,
+    ),
+    Arch(
+        "gemma3",
+        "Gemma3TextConfig",
+        {**GQA, **SLIDE2, "head_dim": 16, "query_pre_attn_scalar": 16},
+        sliding=True,
+        layer_type_rope=True,
+    ),
+    Arch("phi3", "Phi3Config", {**GQA, "partial_rotary_factor": 0.5}, partial_rotary=True),
+    Arch("gpt-neox", "GPTNeoXConfig", {"rotary_pct": 0.25}, partial_rotary=True),
+    Arch("stablelm", "StableLmConfig", partial_rotary=True),
+    Arch("phi", "PhiConfig", partial_rotary=True),
+    Arch("glm", "GlmConfig", {**GQA, "head_dim": 16}, partial_rotary=True),
+    Arch("glm4", "Glm4Config", {**GQA, "head_dim": 16}, partial_rotary=True),
+    Arch("olmo2", "Olmo2Config"),
+    Arch("cohere", "CohereConfig", GQA),
+    Arch(
+        "granite",
+        "GraniteConfig",
+        {**GQA, "attention_multiplier": 0.2, "logits_scaling": 2.0, "residual_multiplier": 0.5},
+    ),
+    Arch("deepseek-v2", "DeepseekV2Config", MLA, mla=True),
+    Arch("deepseek-v3", "DeepseekV3Config", MLA, mla=True),
+    Arch(
+        "gpt2",
+        "GPT2Config",
+        dict(
+            vocab_size=VOCAB,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            bos_token_id=256,
+            eos_token_id=257,
+            pad_token_id=259,
+            tie_word_embeddings=False,
+        ),
+        has_rope=False,
+        base=False,
+    ),
+]
+BY_NAME = {a.name: a for a in ARCHS}
+ROPE_ARCHS = [a for a in ARCHS if a.has_rope]
+
+# q/k projections by module name (scaled to make attention peaked); MLA's q_b_proj, kv_b_proj and
+# kv_a_proj_with_mqa (its rotary key part is not normalised); q/k norms where the projection's scale
+# is normalised away (Qwen3, OLMo2, Gemma3)
+_QK = ("q_proj", "k_proj", "q_b_proj", "kv_b_proj", "kv_a_proj_with_mqa", "query_key_value")
+_QK += ("qkv_proj", "c_attn", "q_norm", "k_norm", "q_layernorm", "k_layernorm")
+
+
+def build(name: str, seed: int = 0, peaked: bool = True, attn_implementation: str = "eager"):
+    """The tiny random model of ``name`` (eval mode, fp32); q/k weights x PEAK when ``peaked``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = BY_NAME[name].make_config()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    if peaked:
+        _peak(model)
+    return model.eval()
+
+
+def _peak(model) -> None:
+    import torch
+
+    with torch.no_grad():
+        for mod_name, mod in model.named_modules():
+            if mod_name.rsplit(".", 1)[-1] not in _QK or getattr(mod, "weight", None) is None:
+                continue
+            kind = type(mod).__name__
+            if "Norm" not in kind:
+                mod.weight.mul_(PEAK)
+            elif "Gemma" in kind:
+                mod.weight.add_(1).mul_(NORM_PEAK).sub_(1)  # Gemma norms scale by (1 + weight)
+            else:
+                mod.weight.mul_(NORM_PEAK)
+
+
+def write(name: str, out_dir: str | Path, seed: int = 0, peaked: bool = True) -> Path:
+    """Save ``build(name, seed, peaked)`` + the byte tokenizer as a local HF directory."""
+    from ropelens.tokenizer import build_byte_tokenizer
+
+    out = Path(out_dir)
+    model = build(name, seed, peaked)
+    model.save_pretrained(out)
+    build_byte_tokenizer().save_pretrained(out)
+    return out
+
+
+def max_attention(model, length: int = 48, seed: int = 0) -> list[float]:
+    """Mean over queries of the max attention probability, per layer (eager attentions)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (1, length), generator=g)
+    with torch.no_grad():
+        out = model(ids, output_attentions=True)
+    return [float(a[0].amax(-1).mean()) for a in out.attentions]
