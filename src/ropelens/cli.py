@@ -133,6 +133,7 @@ def _cell_metadata(spec: dict, loaded, load_s: float, compute_s: float) -> dict:
     return {
         "ropelens.spec": json.dumps(spec),
         "ropelens.rope_parameters": json.dumps(loaded.rope_parameters),
+        "ropelens.rope_layer_types": json.dumps(loaded.rope),  # the layer types the method rewrote
         "ropelens.device": loaded.device,
         "ropelens.load_seconds": f"{load_s:.3f}",
         "ropelens.compute_seconds": f"{compute_s:.3f}",

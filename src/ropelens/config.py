@@ -18,7 +18,7 @@ from ropelens import methods as registry
 from ropelens.errors import ConfigError
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
-RESERVED_METHOD_KEYS = ("method", "checkpoints", "cpt_length", "apply", "models")
+RESERVED_METHOD_KEYS = ("method", "checkpoints", "cpt_length", "apply", "models", "layer_types")
 
 
 @cache
@@ -190,6 +190,9 @@ def check(cfg: dict, base_dir: str | os.PathLike = ".") -> None:
     for name, corpus in cfg["corpora"].items():
         if "path" in corpus:
             corpora.check_local(base / corpus["path"], corpus, min(lengths), f"corpora.{name}.path")
+    from ropelens import architectures  # what each model's own config allows (issue 12)
+
+    architectures.check(cfg, base)
 
 
 def prepare(cfg: dict, base_dir: str | os.PathLike = ".") -> dict:
@@ -277,6 +280,7 @@ def cell_spec(cfg: dict, model: str, method: str) -> dict:
         "params": method_params(entry),
         "cpt_length": entry.get("cpt_length"),
         "apply": entry.get("apply", True),
+        "layer_types": entry.get("layer_types"),
         "runtime": {k: cfg["runtime"][k] for k in ("device", "dtype")},
     }
 

@@ -56,10 +56,16 @@ class Loaded:
     device: str
     dtype: object
     rope_parameters: dict
+    rope: dict  # see rope_record: layer types rewritten, per-layer-type parameters
 
 
 def load_config(spec: dict):
     """The model config with the cell's method applied (no weights loaded)."""
+    return configured(spec)[0]
+
+
+def configured(spec: dict):
+    """(config with the cell's method applied, :class:`ropelens.methods.Applied` or None)."""
     from transformers import AutoConfig
 
     name, kwargs = _source_args(spec["source"])
@@ -68,13 +74,32 @@ def load_config(spec: dict):
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RopelensError(f"cannot load model config '{name}': {first}") from None
-    if spec.get("apply", True):
-        base = methods.base_rope(config, spec["pretrained_length"])
-        rope = methods.resolve(
-            spec["registry"], spec["params"], base, where=f"methods.{spec['method']}"
-        )
-        methods.apply(config, rope)
-    return config
+    if not spec.get("apply", True):
+        return config, None
+    applied = methods.apply_method(
+        config,
+        spec["registry"],
+        spec["params"],
+        spec["pretrained_length"],
+        layer_types=spec.get("layer_types"),
+        where=f"methods.{spec['method']}",
+        model=f"model '{spec['model']}' ({type(config).__name__})",
+    )
+    return config, applied
+
+
+def rope_record(config, applied=None) -> dict:
+    """What a cell records about its RoPE: the rope parameters of the layer types the method
+    rewrote (the first, when several), those layer types, and every layer type's parameters."""
+    layers = methods.rope_layers(config)
+    types = list(applied.layer_types) if applied else sorted(layers)
+    first = types[0] if types else methods.FLAT
+    return {
+        "rope_parameters": dict(layers.get(first) or {}),
+        "layer_types": types,
+        "expressed_as": applied.expressed_as if applied else None,
+        "by_layer_type": {k: dict(v) for k, v in layers.items()},
+    }
 
 
 def load(spec: dict, attn_implementation: str = "sdpa", device: str | None = None) -> Loaded:
@@ -84,14 +109,15 @@ def load(spec: dict, attn_implementation: str = "sdpa", device: str | None = Non
     runtime = spec.get("runtime", {})
     device = pick_device(device or runtime.get("device", "auto"))
     dtype = pick_dtype(runtime.get("dtype", "auto"), device)
-    config = load_config(spec)
+    config, applied = configured(spec)
     name, kwargs = _source_args(spec["source"])
     tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(
         name, config=config, dtype=dtype, attn_implementation=attn_implementation, **kwargs
     )
     model.to(device).eval()
-    return Loaded(model, tokenizer, device, dtype, dict(config.rope_parameters))
+    record = rope_record(config, applied)
+    return Loaded(model, tokenizer, device, dtype, record["rope_parameters"], record)
 
 
 def make_tiny(

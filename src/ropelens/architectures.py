@@ -1,0 +1,169 @@
+"""What a model's architecture lets ropelens study, read from its config file alone (plan time).
+
+A model is studied through transformers' ``rope_parameters``: ropelens rewrites them and the
+model's own rotary code runs. So the checks are about the config: it has RoPE parameters (GPT-2,
+GPT-J and other configs without them are refused), which layer types carry RoPE and with what
+rotary dimension, whether ``pretrained_length`` agrees with the config's own lengths, and whether
+every method of the grid can be applied (transformers validates the result; Phi-3 gets LongRoPE
+factors). Nothing is downloaded: a hub model that is not in the local cache is skipped (the
+userpaths checks report missing cache entries). Models the workflow builds (``tiny``, ``train``)
+are LLaMA and have no config yet: they are skipped too.
+
+    >>> from transformers import GPTNeoXConfig
+    >>> describe(GPTNeoXConfig(hidden_size=64, num_attention_heads=4)).rotary_dims
+    {'full_attention': 4}
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ropelens import methods
+from ropelens.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the config says: RoPE layer types with their theta and rotary dimension."""
+
+    model_type: str
+    config_class: str
+    rope: bool
+    reason: str = ""  # why it cannot be studied (rope False)
+    nested: bool = False  # per-layer-type RoPE
+    thetas: dict = field(default_factory=dict)
+    rotary_dims: dict = field(default_factory=dict)
+    head_dim: int = 0
+    max_positions: int | None = None
+    original_positions: int | None = None
+
+
+def describe(model_config) -> Architecture:
+    """The :class:`Architecture` of a transformers config."""
+    name = type(model_config).__name__
+    kind = getattr(model_config, "model_type", "?")
+    layers = methods.rope_layers(model_config)
+    reason = _no_rope(model_config, layers)
+    if reason:
+        return Architecture(kind, name, False, reason)
+    thetas, dims = {}, {}
+    for layer_type in layers:
+        base = methods.base_rope(model_config, 1, layer_type)
+        thetas[layer_type], dims[layer_type] = base.theta, base.rotary_dim
+    # the pretraining length before the config's own RoPE scaling: in the rope dicts, or (Phi-3)
+    # an attribute that transformers reads only for a scaled rope type
+    originals = [v.get("original_max_position_embeddings") for v in layers.values()]
+    scaled = any(v.get("rope_type", "default") != "default" for v in layers.values())
+    original = next((x for x in originals if x), None) or (
+        getattr(model_config, "original_max_position_embeddings", None) if scaled else None
+    )
+    return Architecture(
+        kind,
+        name,
+        True,
+        nested=methods.is_nested(model_config),
+        thetas=thetas,
+        rotary_dims=dims,
+        head_dim=methods.head_dim(model_config),
+        max_positions=getattr(model_config, "max_position_embeddings", None),
+        original_positions=original,
+    )
+
+
+def _no_rope(model_config, layers: dict) -> str:
+    """Why the config has no RoPE ropelens can rescale ('' when it has)."""
+    name = type(model_config).__name__
+    if not layers:
+        return methods.no_rope_reason(model_config)
+    if getattr(model_config, "alibi", False):
+        return f"{name} is configured with ALiBi (alibi: true) instead of rotary embeddings"
+    kind = getattr(model_config, "position_embedding_type", "rope")
+    if kind not in ("rope", "rotary"):
+        return f"{name} has position_embedding_type {kind!r}, not rotary embeddings"
+    return ""
+
+
+def check_model(label: str, model_config, pretrained_length: int) -> Architecture:
+    """One-line refusals for a model: no RoPE, or ``pretrained_length`` against the config."""
+    arch = describe(model_config)
+    where = f"models.{label}"
+    if not arch.rope:
+        raise ConfigError(
+            f"{where}: {arch.reason}; ropelens studies RoPE models — remove it from models"
+        )
+    if arch.original_positions and pretrained_length != arch.original_positions:
+        raise ConfigError(
+            f"{where}.pretrained_length: {pretrained_length}, but its config's "
+            f"original_max_position_embeddings is {arch.original_positions} (the length it was "
+            f"pretrained at before its own RoPE scaling); set pretrained_length: "
+            f"{arch.original_positions}"
+        )
+    if not arch.original_positions and arch.max_positions and pretrained_length > arch.max_positions:
+        raise ConfigError(
+            f"{where}.pretrained_length: {pretrained_length} exceeds its config's "
+            f"max_position_embeddings {arch.max_positions}; set pretrained_length to the length "
+            f"the model was pretrained at (at most {arch.max_positions})"
+        )
+    return arch
+
+
+def check_method(label: str, model_config, pretrained_length: int, method: str, entry: dict):
+    """Apply method ``method`` (entry ``entry``) to a copy of the config: one line if it cannot."""
+    from ropelens.config import method_params
+
+    return methods.apply_method(
+        copy.deepcopy(model_config),
+        entry.get("method", method),
+        method_params(entry),
+        pretrained_length,
+        layer_types=entry.get("layer_types"),
+        where=f"methods.{method}",
+        model=f"model '{label}' ({type(model_config).__name__})",
+    )
+
+
+def local_config(model: dict, base_dir: str | os.PathLike = "."):
+    """The config of a ``path`` or ``hub`` model from disk or the local hub cache; None when it
+    cannot be had without a download (or the model is built by the workflow)."""
+    if "path" in model:
+        name = str((Path(base_dir) / model["path"]).expanduser())
+    elif "hub" in model:
+        name = model["hub"]
+    else:
+        return None
+    from transformers import AutoConfig
+
+    kwargs = {"revision": model["revision"]} if model.get("revision") else {}
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError):
+        if "path" in model:
+            raise ConfigError(
+                f"cannot read the model config in '{model['path']}' (config.json); "
+                "give a Hugging Face model directory"
+            ) from None
+        return None
+
+
+def check(cfg: dict, base_dir: str | os.PathLike = ".") -> None:
+    """Plan-time model checks of a validated config (called by ``ropelens.config.check``)."""
+    from ropelens.config import model_method_pairs
+
+    loaded = {}
+    for label, model in cfg["models"].items():
+        model_config = local_config(model, base_dir)
+        if model_config is not None:
+            check_model(label, model_config, model["pretrained_length"])
+            loaded[label] = model_config
+    for label, method in model_method_pairs(cfg):
+        entry = cfg["methods"][method]
+        ckpt = (entry.get("checkpoints") or {}).get(label)
+        if label not in loaded or not entry.get("apply", True):
+            continue
+        model_config = loaded[label] if ckpt is None else local_config(ckpt, base_dir)
+        if model_config is not None:
+            pretrained = cfg["models"][label]["pretrained_length"]
+            check_method(label, model_config, pretrained, method, entry)
