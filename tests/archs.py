@@ -64,6 +64,7 @@ class Arch:
     partial_rotary: bool = False  # rotary dimension < head dimension
     layer_type_rope: bool = False  # RoPE parameters per layer type
     mla: bool = False  # multi-head latent attention (value head dim != key head dim)
+    rotary_dim: int = 0  # dimensions of a head that rotate, where fewer than the head (0: all)
     base: bool = True  # kwargs go over BASE (False: the config's own names, e.g. GPT-2)
 
     def config_kwargs(self) -> dict:
@@ -107,12 +108,18 @@ ARCHS: list[Arch] = [
         sliding=True,
         layer_type_rope=True,
     ),
-    Arch("phi3", "Phi3Config", {**GQA, "partial_rotary_factor": 0.5}, partial_rotary=True),
-    Arch("gpt-neox", "GPTNeoXConfig", {"rotary_pct": 0.25}, partial_rotary=True),
-    Arch("stablelm", "StableLmConfig", partial_rotary=True),
-    Arch("phi", "PhiConfig", partial_rotary=True),
-    Arch("glm", "GlmConfig", {**GQA, "head_dim": 16}, partial_rotary=True),
-    Arch("glm4", "Glm4Config", {**GQA, "head_dim": 16}, partial_rotary=True),
+    Arch(
+        "phi3",
+        "Phi3Config",
+        {**GQA, "partial_rotary_factor": 0.5},
+        partial_rotary=True,
+        rotary_dim=8,
+    ),
+    Arch("gpt-neox", "GPTNeoXConfig", {"rotary_pct": 0.25}, partial_rotary=True, rotary_dim=4),
+    Arch("stablelm", "StableLmConfig", partial_rotary=True, rotary_dim=4),
+    Arch("phi", "PhiConfig", partial_rotary=True, rotary_dim=8),
+    Arch("glm", "GlmConfig", {**GQA, "head_dim": 16}, partial_rotary=True, rotary_dim=8),
+    Arch("glm4", "Glm4Config", {**GQA, "head_dim": 16}, partial_rotary=True, rotary_dim=8),
     Arch("olmo2", "Olmo2Config"),
     Arch("cohere", "CohereConfig", GQA),
     Arch(
@@ -120,8 +127,8 @@ ARCHS: list[Arch] = [
         "GraniteConfig",
         {**GQA, "attention_multiplier": 0.2, "logits_scaling": 2.0, "residual_multiplier": 0.5},
     ),
-    Arch("deepseek-v2", "DeepseekV2Config", MLA, mla=True),
-    Arch("deepseek-v3", "DeepseekV3Config", MLA, mla=True),
+    Arch("deepseek-v2", "DeepseekV2Config", MLA, mla=True, rotary_dim=8),
+    Arch("deepseek-v3", "DeepseekV3Config", MLA, mla=True, rotary_dim=8),
     Arch(
         "gpt2",
         "GPT2Config",

@@ -310,7 +310,7 @@ def apply_method(
     :class:`ConfigError` line naming the model, the method and the reason.
     """
     if not rope_layers(model_config):
-        raise ConfigError(f"{where}: {model} has no RoPE parameters; {no_rope_reason(model_config)}")
+        raise ConfigError(f"{where}: {model} cannot be studied: {no_rope_reason(model_config)}")
     targets = target_layer_types(model_config, layer_types, where)
     how = None
     for layer_type in targets:
@@ -356,7 +356,7 @@ def _apply_validated(model_config, spec, base, layer_type, name, where, model) -
     raise ConfigError(
         f"{where}: method '{name}' cannot apply to {model}: transformers' "
         f"{type(model_config).__name__} refuses rope type '{spec.rope_parameters['rope_type']}' "
-        f"({refusal}) and {why}; leave this model out (methods.<label>.models)"
+        f"({refusal}) and {why}; list the other models in {where}.models"
     )
 
 
@@ -372,10 +372,7 @@ def no_rope_reason(model_config) -> str:
             f"{type(model_config).__name__} computes its rotary embedding itself from rotary_dim, "
             "outside transformers' rope_parameters, so no method can be applied"
         )
-    return (
-        f"{type(model_config).__name__} has no rotary position embedding "
-        "(ropelens studies RoPE models)"
-    )
+    return f"{type(model_config).__name__} has no rotary position embedding"
 
 
 def as_longrope(spec: RopeSpec, base: BaseRope) -> RopeSpec | None:
@@ -405,12 +402,14 @@ def as_longrope(spec: RopeSpec, base: BaseRope) -> RopeSpec | None:
 
 def formula_inv_freq(spec: RopeSpec, base: BaseRope):
     """Inverse frequencies and attention factor of ``spec`` by transformers' generic RoPE
-    functions, on a LLaMA config with ``base``'s head and rotary dimension."""
+    functions, on a LLaMA config with ``base``'s head and rotary dimension (``default`` is linear
+    scaling by 1, the generic function that honours partial rotary)."""
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     rope = {**spec.rope_parameters, "partial_rotary_factor": base.partial_rotary_factor}
+    if rope["rope_type"] == "default":
+        rope.update(rope_type="linear", factor=1.0)
     shim = LlamaConfig(
         hidden_size=base.head_dim,
         num_attention_heads=1,
@@ -420,8 +419,6 @@ def formula_inv_freq(spec: RopeSpec, base: BaseRope):
         ),
         rope_parameters=rope,
     )
-    if rope["rope_type"] == "default":
-        return LlamaRotaryEmbedding.compute_default_rope_parameters(shim)
     return ROPE_INIT_FUNCTIONS[rope["rope_type"]](shim)
 
 
