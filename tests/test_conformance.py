@@ -3,10 +3,18 @@ reference (eager attention, a plain transformers load). Adding an architecture i
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
+from ropelens import methods, models
+from ropelens.errors import ConfigError
 from tests import archs
+from tests.test_methods import base_freqs, llama3_reference, yarn_reference
 
 NAMES = [a.name for a in archs.ARCHS]
 
@@ -53,24 +61,16 @@ def test_table_covers_what_the_issue_names():
 # compared with the method's formula, written independently here (tests/test_methods.py) over the
 # architecture's *rotary* dimension; the layer types a method must leave alone are unchanged.
 
-import math  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from ropelens import methods, models  # noqa: E402
-from ropelens.errors import ConfigError  # noqa: E402
-from tests.test_methods import base_freqs, llama3_reference, yarn_reference  # noqa: E402
-
 P = archs.BASE["max_position_embeddings"]  # pretrained length of every tiny model
 S = 4  # a typical factor
 PARAMS = {name: ({} if name == "rope" else {"factor": S}) for name in methods.known()}
 DYNAMIC_AT = 4 * P  # dynamic NTK is checked after a forward at this many positions
 #: (architecture, method) -> the reason it is refused, at plan time in one line; every other
 #: combination of a RoPE architecture with a registry method must pass the formula checks
-REFUSED = {("phi3", "dynamic-ntk"): "LongRoPE cannot express a length-dependent scaling"}
+REFUSED = {
+    ("phi3", "dynamic-ntk"): "Phi3Config takes only default or LongRoPE, and LongRoPE cannot "
+    "express a scaling that grows with the sequence length",
+}
 NO_ROPE = {a.name: "no rotary position embedding" for a in archs.ARCHS if not a.has_rope}
 #: how a method is written into transformers where not its own rope type
 EXPRESSED = {("phi3", m): "longrope" for m in ("pi", "yarn", "llama3")}
@@ -243,3 +243,94 @@ def test_check_config_prints_the_refusal_as_one_line(arch_dir, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("ropelens: error: "), proc.stderr
         assert f"models.{name}" in lines[0] or f"model '{name}'" in lines[0], lines[0]
         assert "Traceback" not in proc.stderr
+
+
+# --- the README's supported-architectures table is this matrix ---------------------------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+TABLE_START, TABLE_END = "<!-- architectures:start -->", "<!-- architectures:end -->"
+
+
+def outcome(name: str, method: str) -> str:
+    """A matrix cell as the README shows it: ✓, ✓ (LongRoPE) or refused."""
+    arch = archs.BY_NAME[name]
+    if not arch.has_rope:
+        return "refused"
+    try:
+        applied = methods.apply_method(arch.make_config(), method, PARAMS[method], P)
+    except ConfigError:
+        return "refused"
+    return "✓ (LongRoPE)" if applied.expressed_as == "longrope" else "✓"
+
+
+def _layer_types(arch) -> str:
+    if not arch.has_rope:
+        return "—"
+    config = arch.make_config()
+    layers = methods.rope_layers(config)
+    if not methods.is_nested(config):
+        kinds = sorted(set(getattr(config, "layer_types", None) or []))
+        shared = f" for {' + '.join(kinds)}" if len(kinds) > 1 else ""
+        return f"one RoPE{shared}, θ={layers[methods.FLAT]['rope_theta']:.0f}"
+    default = methods.target_layer_types(config)
+    return ", ".join(
+        f"{'**' + t + '**' if t in default else t} θ={layers[t]['rope_theta']:.0f}" for t in layers
+    )
+
+
+def _notes(arch) -> str:
+    if arch.name in NO_ROPE:
+        return f"refused at plan time: {NO_ROPE[arch.name]}"
+    notes = [f"`{m}` refused: {why}" for (a, m), why in REFUSED.items() if a == arch.name]
+    longrope = [f"`{m}`" for (a, m), how in EXPRESSED.items() if a == arch.name and how]
+    if longrope:
+        notes.append(f"{', '.join(longrope)} written as exact LongRoPE factors")
+    if arch.layer_type_rope:
+        notes.append("methods scale the **bold** layer types unless `layer_types` says otherwise")
+    return "; ".join(notes)
+
+
+def render_table() -> str:
+    """The supported-architectures table (README), from tests/archs.py and this matrix."""
+    known = list(methods.REGISTRY)
+    head = ["architecture", "config class", "RoPE layer types", "rotary / head dim (tiny)", *known]
+    lines = ["| " + " | ".join([*head[:4], *(f"`{m}`" for m in known), "notes"]) + " |"]
+    lines.append("|" + "---|" * (len(head) + 1))
+    for arch in archs.ARCHS:
+        kw = arch.config_kwargs()
+        head_dim = kw.get("head_dim") or kw.get("hidden_size", 0) // kw.get(
+            "num_attention_heads", 1
+        )
+        dims = f"{rotary_dim(arch)} / {head_dim}" if arch.has_rope else "no RoPE"
+        cells = [outcome(arch.name, m) for m in known]
+        row = [arch.name, f"`{arch.config}`", _layer_types(arch), dims, *cells, _notes(arch)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def test_outcomes_are_the_matrix():
+    """What the table shows is what the rows above check: ✓ cells pass the formula checks,
+    refused cells are the REFUSED / NO_ROPE refusals, LongRoPE cells are EXPRESSED."""
+    for arch in archs.ARCHS:
+        for m in methods.known():
+            got = outcome(arch.name, m)
+            if arch.name in NO_ROPE or (arch.name, m) in REFUSED:
+                assert got == "refused", (arch.name, m)
+            else:
+                assert (arch.name, m) in PASSING
+                longrope = EXPRESSED.get((arch.name, m)) == "longrope"
+                assert got == ("✓ (LongRoPE)" if longrope else "✓"), (arch.name, m)
+
+
+def test_readme_table_is_the_matrix():
+    text = README.read_text()
+    assert TABLE_START in text and TABLE_END in text, "README lacks the architectures table"
+    shown = text.split(TABLE_START)[1].split(TABLE_END)[0].strip()
+    assert shown == render_table(), (
+        "README's supported-architectures table differs from the conformance matrix; paste the "
+        "output of `python -m tests.test_conformance` between the architectures markers"
+    )
+
+
+if __name__ == "__main__":
+    print(render_table())

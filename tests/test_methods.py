@@ -175,3 +175,188 @@ def test_apply_is_idempotent():
     first = dict(cfg.rope_parameters)
     methods.apply(cfg, methods.resolve("yarn", {"factor": 4}, methods.base_rope(cfg, L0)))
     assert cfg.rope_parameters == first
+
+
+# --- architectures: per-layer-type RoPE, partial rotary, refusals (see tests/test_conformance) ---
+
+
+def gemma3(**kw):
+    from transformers import Gemma3TextConfig
+
+    layer_types = ["sliding_attention", "full_attention"]
+    return Gemma3TextConfig(
+        hidden_size=64, num_attention_heads=4, head_dim=16, num_hidden_layers=2,
+        layer_types=layer_types, max_position_embeddings=L0, **kw,
+    )  # fmt: skip
+
+
+def test_per_layer_type_default_is_the_global_layers():
+    cfg = gemma3()
+    applied = methods.apply_method(cfg, "pi", {"factor": 4}, L0)
+    assert applied.layer_types == ("full_attention",)
+    assert cfg.rope_parameters["full_attention"] == {
+        "rope_type": "linear", "rope_theta": 1e6, "factor": 4.0,
+    }  # fmt: skip
+    assert cfg.rope_parameters["sliding_attention"] == {"rope_type": "default", "rope_theta": 1e4}
+
+
+def test_per_layer_type_methods_can_name_their_layer_types():
+    cfg = gemma3()
+    both = ["sliding_attention", "full_attention"]
+    applied = methods.apply_method(cfg, "ntk", {"factor": 4}, L0, layer_types=both)
+    assert applied.layer_types == tuple(both)
+    d = 16
+    for layer_type, theta in (("sliding_attention", 1e4), ("full_attention", 1e6)):
+        assert cfg.rope_parameters[layer_type]["rope_theta"] == theta * 4 ** (d / (d - 2))
+    with pytest.raises(ConfigError, match=r"^methods.x.layer_types: 'global' is not a RoPE layer"):
+        methods.apply_method(
+            gemma3(), "pi", {"factor": 2}, L0, layer_types=["global"], where="methods.x"
+        )
+
+
+def test_one_rope_for_every_layer_cannot_leave_a_layer_type_out():
+    from transformers import Gemma2Config
+
+    cfg = Gemma2Config(hidden_size=64, num_attention_heads=4, head_dim=16, num_hidden_layers=2)
+    with pytest.raises(ConfigError, match=r"one RoPE for all its layers .* 'sliding_attention'"):
+        methods.apply_method(cfg, "pi", {"factor": 2}, L0, layer_types=["full_attention"])
+    every = ["full_attention", "sliding_attention"]
+    assert methods.apply_method(cfg, "pi", {"factor": 2}, L0, layer_types=every).layer_types == (
+        "full_attention",
+    )
+
+
+def test_partial_rotary_is_kept_wherever_transformers_keeps_it():
+    from transformers import GPTNeoXConfig, Phi3Config, StableLmConfig
+
+    for cfg, partial in (
+        (GPTNeoXConfig(hidden_size=64, num_attention_heads=4, rotary_pct=0.25), 0.25),
+        (StableLmConfig(hidden_size=64, num_attention_heads=4), 0.25),
+        (Phi3Config(hidden_size=64, num_attention_heads=4, partial_rotary_factor=0.5), 0.5),
+    ):
+        for name in methods.known():
+            if name == "dynamic-ntk" and isinstance(cfg, Phi3Config):
+                continue
+            params = {} if name == "rope" else {"factor": 4}
+            methods.apply_method(cfg, name, params, L0)
+            assert cfg.rope_parameters["partial_rotary_factor"] == partial, (cfg, name)
+            inv, _ = methods.inv_freq(cfg)
+            assert inv.shape[0] == int(16 * partial) // 2
+
+
+def test_phi3_dynamic_ntk_is_one_line_and_the_rest_is_longrope():
+    from transformers import Phi3Config
+
+    cfg = Phi3Config(hidden_size=64, num_attention_heads=4, max_position_embeddings=L0)
+    with pytest.raises(ConfigError) as err:
+        methods.apply_method(cfg, "dynamic-ntk", {"factor": 2}, L0, where="methods.d", model="phi")
+    assert "\n" not in str(err.value)
+    assert str(err.value).startswith("methods.d: method 'dynamic-ntk' cannot apply to phi:")
+    assert cfg.rope_parameters["rope_type"] == "default"  # left as it was
+    assert methods.apply_method(cfg, "pi", {"factor": 2}, 2 * L0).expressed_as == "longrope"
+    assert cfg.rope_parameters["long_factor"] == cfg.rope_parameters["short_factor"] == [2.0] * 8
+    assert cfg.original_max_position_embeddings == 2 * L0  # transformers copies this attribute
+    inv, attention = methods.inv_freq(cfg)
+    assert_rel(inv.double().numpy(), base_freqs(16) / 2)
+    assert attention == 1.0
+
+
+def test_structural_rope_types_and_no_rope_are_refused():
+    from transformers import GPT2Config, GPTJConfig
+
+    from ropelens import architectures
+
+    for cfg, reason in (
+        (GPT2Config(), "GPT2Config has no rotary position embedding"),
+        (GPTJConfig(), "GPTJConfig computes its rotary embedding itself from rotary_dim"),
+    ):
+        with pytest.raises(ConfigError, match=f"cannot be studied: {reason}"):
+            methods.apply_method(cfg, "rope", {}, L0)
+        with pytest.raises(ConfigError, match=f"^models.m: {reason}.*remove it from models$"):
+            architectures.check_model("m", cfg, L0)
+    from transformers import FalconConfig
+
+    with pytest.raises(ConfigError, match=r"^models.f: FalconConfig is configured with ALiBi"):
+        architectures.check_model("f", FalconConfig(alibi=True), L0)
+
+
+def test_pretrained_length_against_the_config():
+    from transformers import LlamaConfig, Phi3Config
+
+    from ropelens import architectures
+
+    cfg = LlamaConfig(max_position_embeddings=4096)
+    architectures.check_model("m", cfg, 4096)
+    architectures.check_model("m", cfg, 2048)  # trained shorter than the config allows: fine
+    with pytest.raises(ConfigError, match=r"^models.m.pretrained_length: 8192 exceeds .* 4096;"):
+        architectures.check_model("m", cfg, 8192)
+    scaled = LlamaConfig(
+        max_position_embeddings=131072,
+        rope_parameters={
+            "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+        },
+    )  # fmt: skip
+    architectures.check_model("m", scaled, 8192)
+    with pytest.raises(ConfigError, match=r"131072, but .* is 8192 .* set pretrained_length: 8192"):
+        architectures.check_model("m", scaled, 131072)
+    # Phi-3's original_max_position_embeddings attribute counts only with a scaled rope type
+    architectures.check_model("m", Phi3Config(max_position_embeddings=256), 256)
+
+
+def test_layer_types_in_a_method_entry_reach_the_cell(tmp_path):
+    from ropelens import config
+
+    cfg = {
+        "models": {"m": {"tiny": {}, "pretrained_length": 64}},
+        "methods": {"rope": {}, "pi": {"factor": 2, "layer_types": ["full_attention"]}},
+        "lengths": [64],
+        "corpora": {"code": {"builtin": "stdlib"}},
+        "ppl": {"corpus": "code"},
+    }
+    out = config.prepare(cfg)
+    spec = config.cell_spec(out, "m", "pi")
+    assert spec["layer_types"] == ["full_attention"] and spec["params"] == {"factor": 2}
+    cfg["methods"]["pi"]["layer_types"] = "full_attention"
+    with pytest.raises(
+        ConfigError, match=r"methods.pi.layer_types: 'full_attention' is not of type"
+    ):
+        config.prepare(cfg)
+
+
+def test_hub_models_are_checked_from_the_cache_only(tmp_path):
+    """A hub model in the local cache is checked (GPT-2 refused); one not cached is skipped."""
+    import subprocess
+    import sys
+
+    import yaml
+    from transformers import GPT2Config
+
+    snap = tmp_path / "hub" / "models--org--nope" / "snapshots" / ("0" * 40)
+    GPT2Config().save_pretrained(snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("0" * 40)
+    cfg = {
+        "models": {
+            "absent": {"hub": "org/not-cached", "pretrained_length": 4096},
+            "nope": {"hub": "org/nope", "pretrained_length": 1024},
+        },
+        "methods": {"rope": {}},
+        "lengths": [64],
+        "corpora": {"code": {"builtin": "stdlib"}},
+        "ppl": {"corpus": "code"},
+    }
+    path = tmp_path / "c.yaml"
+    env = {**__import__("os").environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    for models_, ok in (({"absent": cfg["models"]["absent"]}, True), (cfg["models"], False)):
+        path.write_text(yaml.safe_dump({**cfg, "models": models_}))
+        proc = subprocess.run(
+            [sys.executable, "-m", "ropelens", "check-config", str(path)],
+            capture_output=True, text=True, env=env,
+        )  # fmt: skip
+        assert (proc.returncode == 0) == ok, proc.stderr
+        if not ok:
+            assert proc.stderr.strip() == (
+                "ropelens: error: models.nope: GPT2Config has no rotary position embedding; "
+                "ropelens studies RoPE models — remove it from models"
+            )

@@ -101,11 +101,12 @@ def check_model(label: str, model_config, pretrained_length: int) -> Architectur
             f"pretrained at before its own RoPE scaling); set pretrained_length: "
             f"{arch.original_positions}"
         )
-    if not arch.original_positions and arch.max_positions and pretrained_length > arch.max_positions:
+    longest = None if arch.original_positions else arch.max_positions
+    if longest and pretrained_length > longest:
         raise ConfigError(
             f"{where}.pretrained_length: {pretrained_length} exceeds its config's "
-            f"max_position_embeddings {arch.max_positions}; set pretrained_length to the length "
-            f"the model was pretrained at (at most {arch.max_positions})"
+            f"max_position_embeddings {longest}; set pretrained_length to the length "
+            f"the model was pretrained at (at most {longest})"
         )
     return arch
 
@@ -127,25 +128,32 @@ def check_method(label: str, model_config, pretrained_length: int, method: str, 
 
 def local_config(model: dict, base_dir: str | os.PathLike = "."):
     """The config of a ``path`` or ``hub`` model from disk or the local hub cache; None when it
-    cannot be had without a download (or the model is built by the workflow)."""
+    cannot be had without a download, a directory has no config.json (``ropelens.preflight``
+    names that), or the model is built by the workflow."""
+    kwargs = {"revision": model["revision"]} if model.get("revision") else {}
     if "path" in model:
         name = str((Path(base_dir) / model["path"]).expanduser())
+        if not (Path(name) / "config.json").is_file():
+            return None
     elif "hub" in model:
+        from huggingface_hub import try_to_load_from_cache
+
         name = model["hub"]
+        if not isinstance(try_to_load_from_cache(name, "config.json", **kwargs), str):
+            return None  # not cached: nothing to check offline (transformers is not even imported)
     else:
         return None
     from transformers import AutoConfig
 
-    kwargs = {"revision": model["revision"]} if model.get("revision") else {}
     try:
         return AutoConfig.from_pretrained(name, local_files_only=True, **kwargs)
-    except (OSError, ValueError, KeyError):
-        if "path" in model:
-            raise ConfigError(
-                f"cannot read the model config in '{model['path']}' (config.json); "
-                "give a Hugging Face model directory"
-            ) from None
-        return None
+    except (OSError, ValueError, KeyError) as e:
+        text = str(e).strip()
+        why = text.splitlines()[0] if text else type(e).__name__
+        raise ConfigError(
+            f"model '{name}': its config.json cannot be read by transformers ({why}); "
+            "check the model (and the installed transformers version)"
+        ) from None
 
 
 def check(cfg: dict, base_dir: str | os.PathLike = ".") -> None:

@@ -311,6 +311,11 @@ def apply_method(
     """
     if not rope_layers(model_config):
         raise ConfigError(f"{where}: {model} cannot be studied: {no_rope_reason(model_config)}")
+    if getattr(model_config, "is_heterogeneous", False):
+        raise ConfigError(
+            f"{where}: method '{name}' cannot apply to {model}: its layers have their own configs "
+            "(a heterogeneous transformers config), which ropelens does not rescale"
+        )
     targets = target_layer_types(model_config, layer_types, where)
     how = None
     for layer_type in targets:
