@@ -322,13 +322,14 @@ def test_outcomes_are_the_matrix():
                 assert got == ("✓ (LongRoPE)" if longrope else "✓"), (arch.name, m)
 
 
-def test_readme_table_is_the_matrix():
-    text = README.read_text()
-    assert TABLE_START in text and TABLE_END in text, "README lacks the architectures table"
+@pytest.mark.parametrize("doc", [README, README.parent / "docs" / "architectures.md"])
+def test_documented_table_is_the_matrix(doc):
+    text = doc.read_text()
+    assert TABLE_START in text and TABLE_END in text, f"{doc.name} lacks the architectures table"
     shown = text.split(TABLE_START)[1].split(TABLE_END)[0].strip()
     assert shown == render_table(), (
-        "README's supported-architectures table differs from the conformance matrix; paste the "
-        "output of `python -m tests.test_conformance` between the architectures markers"
+        f"{doc.name}'s supported-architectures table differs from the conformance matrix; paste "
+        "the output of `python -m tests.test_conformance` between the architectures markers"
     )
 
 
