@@ -333,5 +333,17 @@ def test_documented_table_is_the_matrix(doc):
     )
 
 
+def test_layer_types_of_a_method_entry_reach_the_model(arch_dir):
+    """``layer_types`` in the method entry (here: both of Gemma 3's) is what the model scales."""
+    both = ["sliding_attention", "full_attention"]
+    spec = spec_of(arch_dir("gemma3"), "gemma3", "pi", layer_types=both)
+    loaded = models.load(spec, attn_implementation="eager")
+    assert loaded.rope["layer_types"] == both
+    assert loaded.rope["by_layer_type"]["sliding_attention"]["rope_type"] == "linear"
+    for layer_type, theta in base_thetas(archs.BY_NAME["gemma3"]).items():
+        inv, _ = model_rope(loaded.model, layer_type, "pi")
+        assert_rel(inv, formula("pi", 16, theta)[0], layer_type)
+
+
 if __name__ == "__main__":
     print(render_table())
