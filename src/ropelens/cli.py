@@ -63,6 +63,18 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
+def cmd_convert_gguf(args) -> int:
+    from ropelens import gguf
+
+    prov = gguf.convert(args.source, args.out, args.base_dir)
+    print(
+        f"converted {prov['file']} (sha256 {prov['sha256'][:12]}) to {args.out} "
+        f"in {prov['seconds']:.0f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_corpus(args) -> int:
     from ropelens import corpora
 
@@ -201,10 +213,10 @@ def cmd_report(args) -> int:
 def cmd_needle(args) -> int:
     import pyarrow.parquet as pq
 
-    from ropelens import retrieval, schemas
+    from ropelens import needle, retrieval, schemas
 
     _threads(args.threads)
-    settings = args.settings
+    settings = {"format": "auto", **args.settings}
     haystack = pq.read_table(args.haystack).column("text").to_pylist()
     loaded, t0, load_s = _load_timed(args.spec)
     rows = retrieval.run_cell(
@@ -212,6 +224,7 @@ def cmd_needle(args) -> int:
     )
     n = len(rows["depth"])
     rows["registry_method"] = [args.spec["registry"]] * n
+    rows["prompt_format"] = [needle.resolve_format(loaded.tokenizer, settings["format"])] * n
     _write_cell(rows, n, schemas.NEEDLE, args, loaded, t0, load_s)
     status = rows["status"][0]
     verdict = "pass" if rows["passed"][0] else "fail"
@@ -288,6 +301,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pretrained-length", type=int, required=True, help="max_position_embeddings")
     s.add_argument("--spec", type=_json, help="JSON of shape options (hidden_size, layers, ...)")
     s.set_defaults(func=cmd_make_tiny)
+
+    s = sub.add_parser(
+        "convert-gguf", help="convert a GGUF model once into a Hugging Face directory"
+    )
+    s.add_argument(
+        "--source",
+        type=_json,
+        required=True,
+        help='JSON {"package": ..., "file": ...} or {"path": ...} (the config\'s gguf entry)',
+    )
+    s.add_argument("--out", required=True, help="output model directory")
+    s.add_argument("--base-dir", default=".", help="folder that relative paths start from")
+    s.set_defaults(func=cmd_convert_gguf)
 
     s = sub.add_parser("corpus", help="materialise a corpus (builtin, local file, dataset)")
     s.add_argument("--spec", type=_json, required=True, help="JSON corpus entry from the config")

@@ -109,6 +109,10 @@ def check(cfg: dict, base_dir: str | os.PathLike = ".") -> None:
             from ropelens import toy
 
             toy.check_settings(model["train"], f"models.{name}.train", cfg, role="pretrain")
+        if "gguf" in model:
+            from ropelens import gguf
+
+            gguf.check(model["gguf"], f"models.{name}.gguf", base)
         tiny = model.get("tiny") or {}
         heads, kv = tiny.get("heads", 4), tiny.get("kv_heads", tiny.get("heads", 4))
         if heads % kv:
@@ -241,6 +245,8 @@ def model_dir(cfg: dict, model: str) -> str | None:
         return f"resources/models/{model}"
     if "train" in cfg["models"][model]:
         return f"resources/zoo/{model}/base"
+    if "gguf" in cfg["models"][model]:
+        return f"resources/gguf/{model}"
     return None
 
 

@@ -45,6 +45,11 @@ class Template:
     question: str = "\nWhat is the magic number? The magic number is"
     answer_prefix: str = " "
     digits: int = 5
+    # the chat format (instruct models): the user turn ends with chat_question after the
+    # haystack; the assistant turn opens with chat_answer_start, so the expected continuation is
+    # answer_prefix + answer in both formats
+    chat_question: str = "\nWhat is the magic number?"
+    chat_answer_start: str = "The magic number is"
 
 
 DEFAULT_TEMPLATE = Template()
@@ -150,13 +155,49 @@ def _boundary(hay: list[int], target: int, pieces: _Pieces) -> int:
     return 0
 
 
-def min_length(tokenizer, template: Template = DEFAULT_TEMPLATE) -> int:
+FORMATS = ("auto", "chat", "plain")
+_SLOT = "\x00ropelens-haystack\x00"
+
+
+def resolve_format(tokenizer, fmt: str = "auto") -> str:
+    """``chat`` or ``plain``: ``auto`` is chat when the tokenizer has a chat template."""
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    if fmt == "auto":
+        return "chat" if has_chat else "plain"
+    if fmt == "chat" and not has_chat:
+        raise DataError(
+            "needle.format: 'chat' but the model's tokenizer has no chat template; "
+            "use format: plain (or auto)"
+        )
+    if fmt not in FORMATS:
+        raise DataError(f"needle.format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def frame(tokenizer, template: Template = DEFAULT_TEMPLATE, fmt: str = "plain"):
+    """Token ids before the haystack and after it (the question) in prompt format ``fmt``.
+
+    ``plain``: the tokenizer's special prefix, then the haystack, then ``template.question``.
+    ``chat``: the chat template around one user turn (haystack + ``chat_question``), with the
+    generation prompt and ``chat_answer_start`` opening the assistant's turn.
+    """
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    if fmt == "plain":
+        return special_prefix(tokenizer), enc(template.question)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": _SLOT}], tokenize=False, add_generation_prompt=True
+    )
+    before, after = text.split(_SLOT)
+    return enc(before), enc(template.chat_question + after + template.chat_answer_start)
+
+
+def min_length(tokenizer, template: Template = DEFAULT_TEMPLATE, fmt: str = "plain") -> int:
     """The shortest ``length`` :func:`build_prompt` accepts (needle, question, no haystack)."""
     answer = "9" * template.digits
     needle = template.needle.format(answer=answer)
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    prefix = special_prefix(tokenizer)
-    return len(prefix) + len(enc(template.question)) + len(enc(" " + needle + "\n"))
+    prefix, question = frame(tokenizer, template, fmt)
+    return len(prefix) + len(question) + len(enc(" " + needle + "\n"))
 
 
 def build_prompt(
@@ -166,12 +207,14 @@ def build_prompt(
     depth: float,
     seed: int,
     template: Template = DEFAULT_TEMPLATE,
+    fmt: str = "plain",
 ) -> NeedlePrompt:
     """Build a needle prompt of exactly ``length`` tokens (see the module docstring).
 
     ``haystack`` is a text or a sequence of documents (used in order, joined by a blank line and
     repeated if needed); ``depth`` is in percent (0 = start, 100 = right before the question);
-    ``seed`` draws the answer. Raises :class:`~ropelens.errors.DataError` if ``length`` cannot hold
+    ``seed`` draws the answer; ``fmt`` is the prompt format (:func:`frame`: ``plain`` or
+    ``chat``; the needle span is exact token positions in either). Raises :class:`~ropelens.errors.DataError` if ``length`` cannot hold
     the needle and the question.
     """
     if not 0 <= depth <= 100:
@@ -182,12 +225,11 @@ def build_prompt(
     answer = make_answer(rng, template.digits)
     needle = template.needle.format(answer=answer)
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    prefix = special_prefix(tokenizer)
-    question = enc(template.question)
+    prefix, question = frame(tokenizer, template, fmt)
     reserve = len(enc(" " + needle + "\n"))
     budget = length - len(prefix) - len(question) - reserve
     if budget < 0:
-        shortest = min_length(tokenizer, template)
+        shortest = min_length(tokenizer, template, fmt)
         raise DataError(
             f"needle: length {length} is too short for the needle and question; "
             f"use a length of at least {shortest} tokens"

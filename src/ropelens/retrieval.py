@@ -43,8 +43,9 @@ def run_cell(model, tokenizer, haystack, length: int, depth: float, settings: di
 
     template = needle.Template(**settings.get("template", {}))
     seed = needle.cell_seed(length, depth, settings.get("seed", 0))
+    fmt = needle.resolve_format(tokenizer, settings.get("format", "auto"))
     try:
-        prompt = needle.build_prompt(tokenizer, haystack, length, depth, seed, template)
+        prompt = needle.build_prompt(tokenizer, haystack, length, depth, seed, template, fmt)
     except DataError as e:
         return _failed_cell(length, depth, "prompt_error", str(e))
     spec = StatsSpec(

@@ -83,6 +83,7 @@ NEEDLE = pa.schema(
     + METHOD_INFO
     + [
         pa.field("registry_method", pa.string()),
+        pa.field("prompt_format", pa.string()),  # plain or chat (ropelens.needle.frame)
         pa.field("depth", pa.float64()),
         pa.field("actual_depth", pa.float64()),
         pa.field("prompt_tokens", pa.int64()),
