@@ -93,6 +93,7 @@ def report_outputs():
     return [
         *rules.ppl_table.output,
         *rules.attention_report.output,
+        *rules.sinks_report.output,
         *rules.needle_report.output,
         *rules.html_report.output,
     ]

@@ -67,6 +67,39 @@ rule attention_report:
         " --png {output.png} --plot-lengths {params.plot_lengths:q} 2> {log}"
 
 
+rule sinks_report:
+    input:
+        attention_cells(),
+    output:
+        table="results/tables/sinks.parquet",
+        csv="results/tables/sinks.csv",
+        md=report(
+            "results/tables/sinks.md",
+            caption="../report/sinks.rst",
+            category="Attention",
+        ),
+        layers="results/tables/sinks_layers.parquet",
+        html=report(
+            expand("results/figures/sinks_{model}.html", model=MODELS),
+            caption="../report/sinks.rst",
+            category="Attention",
+        ),
+        png=report(
+            expand("results/figures/sinks_{model}.png", model=MODELS),
+            caption="../report/sinks.rst",
+            category="Attention",
+        ),
+    log:
+        "logs/report/sinks.log",
+    conda:
+        "../envs/ropelens.yaml"
+    params:
+        models=MODELS,
+    shell:
+        "python -m ropelens aggregate-sinks {input} --prefix results/tables/sinks"
+        " --models {params.models} --html {output.html} --png {output.png} 2> {log}"
+
+
 # One self-contained page: every table and chart (interactive, PNG fallback) and provenance.
 # Its inputs are report_outputs() but itself, so a new aggregate listed there joins the page.
 rule html_report:

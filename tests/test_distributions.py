@@ -43,18 +43,21 @@ def test_measure_matches_eager_attention(model, tiny_model_dir):
             for head in range(a.shape[1]):
                 probs = a[0, head, length - 5 :].double().numpy()  # last 5 queries x keys
                 pos = np.zeros(4)
-                ent = 0.0
+                ent = sink = 0.0
                 for row in probs:
+                    sink += row[:4].sum()  # attention sinks: keys [0, 4)
                     for k, p in enumerate(row):
                         pos[min(k * 4 // length, 3)] += p
                         ent -= p * math.log(p) if p > 0 else 0.0
-                acc = expected.setdefault((layer, head), [np.zeros(4), 0.0])
+                acc = expected.setdefault((layer, head), [np.zeros(4), 0.0, 0.0])
                 acc[0] += pos
                 acc[1] += ent
+                acc[2] += sink
     for r in df.itertuples():
-        pos, ent = expected[(r.layer, r.head)]
+        pos, ent, sink = expected[(r.layer, r.head)]
         assert np.allclose(r.pos_mass, pos / 10, atol=1e-4)
         assert r.entropy_mean == pytest.approx(ent / 10, abs=1e-4)
+        assert r.sink_tokens == 4 and r.sink_mass == pytest.approx(sink / 10, abs=1e-4)
         assert sum(r.pos_mass) == pytest.approx(1.0, abs=1e-5)
 
 
@@ -79,6 +82,8 @@ def fake_cell(tmp_path, method, length, pos_by_layer, entropy=1.0):
                 entropy_last=entropy,
                 pos_mass=pos,
                 dist_mass=[1.0],
+                sink_tokens=4,
+                sink_mass=pos[0] / 2 + 0.1 * head,
             ).items():
                 rows[k].append(v)
     path = tmp_path / f"{method}-{length}.parquet"
@@ -139,3 +144,20 @@ def test_plot_lengths():
     assert distributions.plot_lengths(df, 64, None) == [64, 256]
     assert distributions.plot_lengths(df, 256, None) == [256, 512]
     assert distributions.plot_lengths(df, 64, [32, 999]) == [32]
+
+
+def test_sink_table_against_hand_computation(tmp_path):
+    from ropelens import sinks
+
+    heads = [[[0.8, 0.1, 0.1, 0.0], [0.6, 0.2, 0.2, 0.0]], [[0.2, 0.3, 0.3, 0.2]] * 2]
+    cells = [fake_cell(tmp_path, m, 64, heads) for m in ("rope", "pi")]
+    table = sinks.sink_table(cells).to_pandas()
+    # sink_mass of (layer, head) is pos[0] / 2 + 0.1 * head (fake_cell)
+    layer0 = table[(table.method == "pi") & (table.layer == "0")].iloc[0]
+    assert layer0.sink_mass == pytest.approx((0.4 + 0.3 + 0.1) / 2)
+    assert layer0.sink_mass_max == pytest.approx(0.4)
+    mean = table[(table.method == "rope") & (table.layer == "mean")].iloc[0]
+    assert mean.sink_mass == pytest.approx(((0.4 + 0.4) / 2 + (0.1 + 0.2) / 2) / 2)
+    assert mean.sink_mass_max == pytest.approx(0.4) and mean.sink_tokens == 4
+    spec = sinks.sink_chart(sinks.sink_table(cells), "m").to_dict()
+    assert spec["spec"]["encoding"]["y"]["field"] == "sink_mass"

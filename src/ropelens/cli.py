@@ -193,6 +193,20 @@ def cmd_aggregate_attention(args) -> int:
     return 0
 
 
+def cmd_aggregate_sinks(args) -> int:
+    from ropelens import charts, sinks, tables
+
+    table = sinks.sink_table(args.cells)
+    tables.write_outputs(table.filter(_is_mean(table)), args.prefix, "sink_mass", "{:.3f}")
+    from ropelens.io import write_table
+
+    write_table(table, f"{args.prefix}_layers.parquet")
+    for model, html, png in zip(args.models, args.html, args.png):
+        charts.save(sinks.sink_chart(table, model), html, png)
+    print(f"aggregated the sink mass of {len(args.cells)} attention cells", file=sys.stderr)
+    return 0
+
+
 def cmd_report(args) -> int:
     from ropelens import report
 
@@ -363,6 +377,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--png", nargs="*", default=[], help="chart PNG per model")
     s.add_argument("--plot-lengths", type=_json, help="JSON list of lengths to chart")
     s.set_defaults(func=cmd_aggregate_attention)
+
+    s = sub.add_parser(
+        "aggregate-sinks", help="attention-sink table + chart (mass on the first tokens per layer)"
+    )
+    s.add_argument("cells", nargs="*", help="attention cell Parquet files")
+    s.add_argument("--prefix", required=True, help="writes PREFIX.parquet/.csv/.md (+ _layers)")
+    s.add_argument("--models", nargs="*", default=[], help="models to chart")
+    s.add_argument("--html", nargs="*", default=[], help="chart HTML per model")
+    s.add_argument("--png", nargs="*", default=[], help="chart PNG per model")
+    s.set_defaults(func=cmd_aggregate_sinks)
 
     s = sub.add_parser(
         "report",

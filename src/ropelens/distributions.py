@@ -31,9 +31,11 @@ def measure(model, token_table, length: int, settings: dict, progress=None):
             f"remove length {length} from attention.lengths or use a corpus with longer documents"
         )
     window = query_window(length, settings["query_fraction"])
+    sink = min(settings.get("sink_tokens", 4), length)
     spec = StatsSpec(
         position_bins=settings["position_bins"],
         distance_bins=settings["distance_bins"],
+        spans=[(0, sink)],  # attention sinks: the mass on the first keys (ropelens.sinks)
         query_start=length - window,
         memory_budget_bytes=settings["memory_budget_mb"] * 2**20,
     )
@@ -46,7 +48,9 @@ def measure(model, token_table, length: int, settings: dict, progress=None):
         for i in progress(chosen) if progress else chosen:
             ids = np.asarray(input_ids[i].values.to_numpy()[:length])
             decoder(input_ids=torch.tensor(ids[None], dtype=torch.long, device=device))
-    return rec.table(), len(chosen)
+    from ropelens.sinks import with_sink_columns
+
+    return with_sink_columns(rec.table(), sink), len(chosen)
 
 
 def query_window(length: int, fraction: float) -> int:

@@ -214,8 +214,8 @@ def build_prompt(
     ``haystack`` is a text or a sequence of documents (used in order, joined by a blank line and
     repeated if needed); ``depth`` is in percent (0 = start, 100 = right before the question);
     ``seed`` draws the answer; ``fmt`` is the prompt format (:func:`frame`: ``plain`` or
-    ``chat``; the needle span is exact token positions in either). Raises :class:`~ropelens.errors.DataError` if ``length`` cannot hold
-    the needle and the question.
+    ``chat``; the needle span is exact token positions in either). Raises
+    :class:`~ropelens.errors.DataError` if ``length`` cannot hold the needle and the question.
     """
     if not 0 <= depth <= 100:
         raise DataError(f"needle: depth {depth} is out of range; use 0..100 (percent)")

@@ -83,6 +83,15 @@ SECTIONS: list[Section] = [
         details=("attention_js_layers.parquet",),
     ),
     Section(
+        "sinks",
+        "Attention sinks",
+        caption="sinks.rst",
+        summary="Attention mass on the first tokens per layer (head mean), a line per method.",
+        tables=("sinks.parquet",),
+        figures=("sinks_*.html",),
+        details=("sinks_layers.parquet",),
+    ),
+    Section(
         "needle",
         "Needle in a haystack",
         caption="needle.rst",

@@ -63,6 +63,19 @@ ATTENTION = pa.schema(
         pa.field("entropy_last", pa.float64()),
         pa.field("pos_mass", pa.list_(pa.float64())),
         pa.field("dist_mass", pa.list_(pa.float64())),
+        pa.field("sink_tokens", pa.int64()),  # the first keys [0, sink_tokens)
+        pa.field("sink_mass", pa.float64()),  # mean attention mass on them (attention sinks)
+    ]
+)
+
+ATTENTION_SINKS = pa.schema(
+    GRID
+    + METHOD_INFO
+    + [
+        pa.field("layer", pa.string()),  # layer index, or "mean" over layers
+        pa.field("sink_tokens", pa.int64()),
+        pa.field("sink_mass", pa.float64()),  # mean over heads (and layers for "mean")
+        pa.field("sink_mass_max", pa.float64()),  # the largest head's
     ]
 )
 
