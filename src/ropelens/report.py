@@ -570,6 +570,36 @@ def stage_times(results: Path | None, models: Path | None = None) -> list[dict]:
     return rows
 
 
+def gguf_sources_html(models: Path | None) -> str:
+    """Models converted from GGUF files (``ropelens_gguf.json`` under ``models``), if any."""
+    from ropelens.gguf import PROVENANCE
+
+    found = sorted(Path(models).rglob(PROVENANCE)) if models and Path(models).is_dir() else []
+    rows = []
+    for p in found:
+        try:
+            g = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        package = f"{g.get('distribution')} {g.get('package_version')}" if "package" in g else "—"
+        rows.append((p.parent.name, g.get("file"), package, g.get("sha256"), g.get("seconds")))
+    if not rows:
+        return ""
+    head = "".join(
+        f"<th>{h}</th>" for h in ("model", "GGUF file", "package", "sha256", "convert s")
+    )
+    body = "".join(
+        f"<tr><th>{_esc(m)}</th><td>{_esc(f)}</td><td>{_esc(pkg)}</td>"
+        f"<td><code>{_esc(sha)}</code></td><td>{_seconds(sec)}</td></tr>"
+        for m, f, pkg, sha, sec in rows
+    )
+    return (
+        "<h3>Models converted from GGUF</h3>"
+        f'<table class="data" id="gguf-sources"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{body}</tbody></table>"
+    )
+
+
 def _kv_table(pairs: dict) -> str:
     body = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in pairs.items())
     return f'<table class="kv"><tbody>{body}</tbody></table>'
@@ -618,6 +648,7 @@ def provenance_html(
         )
     else:
         parts.append('<p class="note">No cell metadata found.</p>')
+    parts.append(gguf_sources_html(models))
     parts.append("<h3>Packages</h3>")
     parts.append(_kv_table(package_versions()))
     parts.append("<h3>Hardware (machine that built this report)</h3>")
