@@ -6,9 +6,8 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config.yaml"
-
-
+# The config: exactly the `--configfile` files (plus `--config` overrides); config.yaml, the
+# offline default, only when none is given (rules/common.smk loads and validates it).
 include: "rules/common.smk"
 include: "rules/resources.smk"
 

@@ -3,7 +3,7 @@
 
 rule attention:
     input:
-        tokens=lambda wc: f"results/data/tokens/{config['attention']['corpus']}/model={wc.model}.parquet",
+        tokens=cell_data("attention"),
         model=model_inputs,
     output:
         "results/attention/model={model}/method={method}/length={length}.parquet",
@@ -23,6 +23,7 @@ rule attention:
         cell_slots=1,
     params:
         spec=cell_spec,
+        data=data_spec("attention"),
         settings=q(rlconfig.cell_settings(config, "attention")),
     shell:
         "python -m ropelens attention --spec {params.spec:q} --settings {params.settings:q}"

@@ -3,18 +3,52 @@ import sys
 from pathlib import Path
 
 from snakemake.settings.types import DeploymentMethod
-from snakemake.utils import validate
+from snakemake.utils import update_config, validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from ropelens import config as rlconfig  # noqa: E402
+from ropelens import preflight  # noqa: E402
 from ropelens.errors import ConfigError  # noqa: E402
 
 # --- configuration: one line naming the key and the fix, before any job starts ------------------
+# `--configfile` replaces the default grid (Snakemake would merge it into config.yaml's); without
+# one, config.yaml of the working directory (else the shipped one) is read, `--config` on top.
 try:
+    if not workflow.overwrite_configfiles:
+        DEFAULT_CONFIG = rlconfig.default_config_path(Path("."), Path(workflow.basedir))
+        default = rlconfig.load_yaml(DEFAULT_CONFIG)
+        update_config(default, config)  # --config key=value overrides win
+        config = default
+        workflow.configfiles.append(str(DEFAULT_CONFIG))
+    update_config(config, rlconfig.typed_overrides(workflow.config_settings.config))
     config = rlconfig.prepare(config)
 except ConfigError as e:
     sys.exit(f"ropelens: config error: {e}")
 validate(config, str(rlconfig.SCHEMA_PATH))
+if (
+    workflow.is_main_process
+):  # a cell that lost its end (same mtime) is not "up to date"
+    damaged = preflight.damaged_cells("results")
+    if damaged:
+        sys.exit(
+            f"ropelens: error: {len(damaged)} damaged cell file(s) (first: {damaged[0]}); "
+            "run `ropelens verify results --delete`, then rerun to recompute exactly those"
+        )
+
+
+onstart:
+    # a real run (not -n): what it downloads must be in the cache when the hub is offline
+    problems = preflight.offline_problems(config, needed_from_hub(workflow.dag))
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        sys.exit(f"ropelens: config error: {problems[0]}{more}")
+
+
+onerror:
+    # each failed job's one-line reason (the last line of its log) on Snakemake's stderr too
+    for line in failed_job_lines(workflow):
+        print(line, file=sys.stderr)
+
 
 # --- jobs call the ropelens CLI as `python -m ropelens` from this checkout (src/) ---------------
 # Jobs inherit the environment (cluster nodes re-read this file). Without conda, the interpreter
@@ -65,6 +99,45 @@ def tokenizer_source(model):
     if built:
         return {"path": built}
     return {k: m[k] for k in ("path", "hub", "revision") if k in m}
+
+
+# --- a cell's data input (rules ppl, attention, needle) --------------------------------------------
+# Corpora and token files are regenerated identically from the config, so their mtime never makes
+# a finished cell stale (ancient), and a finished cell does not wait for data that was removed
+# (rm -r results/data; before_update: no producer): adding one length then runs only its cells.
+# What the data is made of is a cell param instead (data_spec): changing a corpus reruns its cells.
+
+
+def cell_data(kind):
+    """Input function: the corpus (needle) or token file (ppl, attention) of a cell of ``kind``."""
+
+    def data(wildcards):
+        wc = dict(wildcards.items())
+        cell = f"results/{kind}/" + CELL_PATHS[kind].format(**wc)
+        if kind == "needle":
+            path = corpus_file(config["needle"]["haystack"])
+        else:
+            path = f"results/data/tokens/{config[kind]['corpus']}/model={wc['model']}.parquet"
+        if Path(cell).exists() and not Path(path).exists():
+            return ancient(before_update(path))
+        return ancient(path)
+
+    return data
+
+
+CELL_PATHS = {
+    "ppl": "model={model}/method={method}/length={length}.parquet",
+    "attention": "model={model}/method={method}/length={length}.parquet",
+    "needle": "model={model}/method={method}/length={length}/depth={depth}.parquet",
+}
+
+
+def data_spec(kind):
+    """The definition of a cell's corpus (a param: a changed corpus reruns the cells reading it)."""
+    corpus = (
+        config["needle"]["haystack"] if kind == "needle" else config[kind]["corpus"]
+    )
+    return q(config["corpora"][corpus])
 
 
 def ppl_cells():
@@ -140,3 +213,36 @@ def continual_spec(wildcards):
 
 def haystack_arg(wildcards, input):
     return f"--haystack {input.haystack}" if "haystack" in input.keys() else ""
+
+
+# --- what a run needs from the hub, and why its jobs failed ---------------------------------------
+
+
+def needed_from_hub(dag):
+    """Hub models and datasets behind the jobs this run will execute."""
+    pairs, models, corpora = set(), set(), set()
+    for job in dag.needrun_jobs():
+        wc = dict(job.wildcards)
+        if "model" in wc and "method" in wc:
+            pairs.add((wc["model"], wc["method"]))
+        elif "model" in wc:
+            models.add(wc["model"])
+        if "corpus" in wc:
+            corpora.add(wc["corpus"])
+    models |= {m for m, _ in pairs}
+    return preflight.hub_needs(config, sorted(pairs), sorted(models), sorted(corpora))
+
+
+def failed_job_lines(workflow):
+    """``ropelens: <rule> <wildcards>: <last line of its log>`` for every failed job."""
+    scheduler = getattr(workflow, "scheduler", None)
+    jobs = [
+        j for g in getattr(scheduler, "failed", ()) for j in getattr(g, "jobs", [g])
+    ]
+    for job in jobs:
+        for log in job.log:
+            text = Path(log).read_text(errors="replace") if Path(log).is_file() else ""
+            lines = [ln for ln in text.splitlines() if ln.strip()]
+            if lines:
+                cell = ", ".join(f"{k}={v}" for k, v in job.wildcards.items())
+                yield f"ropelens: {job.rule.name} {cell}: {lines[-1].strip()} (log: {log})"

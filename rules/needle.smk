@@ -4,7 +4,7 @@
 
 rule needle:
     input:
-        haystack=lambda wc: corpus_file(config["needle"]["haystack"]),
+        haystack=cell_data("needle"),
         model=model_inputs,
     output:
         "results/needle/model={model}/method={method}/length={length}/depth={depth}.parquet",
@@ -24,6 +24,7 @@ rule needle:
         cell_slots=1,
     params:
         spec=cell_spec,
+        data=data_spec("needle"),
         settings=q(rlconfig.cell_settings(config, "needle")),
     shell:
         "python -m ropelens needle --spec {params.spec:q} --settings {params.settings:q}"

@@ -3,7 +3,7 @@
 
 rule ppl:
     input:
-        tokens=lambda wc: f"results/data/tokens/{config['ppl']['corpus']}/model={wc.model}.parquet",
+        tokens=cell_data("ppl"),
         model=model_inputs,
     output:
         "results/ppl/model={model}/method={method}/length={length}.parquet",
@@ -23,6 +23,7 @@ rule ppl:
         cell_slots=1,
     params:
         spec=cell_spec,
+        data=data_spec("ppl"),
         settings=q(config["ppl"]),
     shell:
         "python -m ropelens ppl --spec {params.spec:q} --settings {params.settings:q} --tokens {input.tokens}"

@@ -45,6 +45,19 @@ def tiny_model_dir(tmp_path_factory):
     return out
 
 
+def model_files(folder) -> str:
+    """A folder that passes the plan-time model checks (config, tokenizer, an empty safetensors
+    file) without being loadable weights: for tests of the config alone."""
+    import json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")
+    return str(folder)
+
+
 def tiny_spec(model_dir, method: str = "rope", params: dict | None = None) -> dict:
     """Cell spec of the session's tiny model (``tiny_model_dir``) with ``method`` applied."""
     return {

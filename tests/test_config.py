@@ -8,7 +8,7 @@ import yaml
 from ropelens import config as rlconfig
 from ropelens.errors import ConfigError
 
-from .conftest import REPO
+from .conftest import REPO, model_files
 
 BASE = {
     "models": {"m": {"tiny": {"hidden_size": 16}, "pretrained_length": 64}},
@@ -98,7 +98,7 @@ def test_corpus_without_long_enough_document(tmp_path):
 
 
 def test_checkpoints_need_cpt_length(tmp_path):
-    (tmp_path / "ck").mkdir()
+    model_files(tmp_path / "ck")
     cfg = with_(["methods", "pi", "checkpoints"], {"m": {"path": "ck"}})
     assert "methods.pi.cpt_length: required with checkpoints" in error_of(cfg, tmp_path)
     cfg["methods"]["pi"]["cpt_length"] = 256
@@ -106,7 +106,7 @@ def test_checkpoints_need_cpt_length(tmp_path):
 
 
 def test_pairs_and_cell_spec(tmp_path):
-    (tmp_path / "ck").mkdir()
+    model_files(tmp_path / "ck")
     cfg = copy.deepcopy(BASE)
     cfg["models"]["n"] = {"hub": "org/model", "pretrained_length": 4096}
     cfg["methods"]["pi-cpt"] = {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,33 @@ def _json(text: str) -> dict:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _depth(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"{value:g} is not a percentage (0 to 100)")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block): what is wrong and where help is."""
+
+    def error(self, message: str):
+        self.exit(2, f"ropelens: error: {self.prog}: {message}; see `{self.prog} --help`\n")
 
 
 def _threads(n: int | None) -> None:
@@ -51,6 +79,32 @@ def cmd_check_config(args) -> int:
         f"{args.config}: ok — {len(cfg['models'])} models, {len(cfg['methods'])} methods, "
         f"{n_len} lengths, {len(pairs) * n_len} perplexity cells"
     )
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from ropelens.io import verify
+
+    if not Path(args.root).is_dir():
+        raise RopelensError(f"verify: '{args.root}' is not a folder; give the results folder")
+    n, bad = verify(args.root, delete=args.delete)
+    for path, problem in bad:
+        print(f"bad cell {path}: {problem}", file=sys.stderr)
+    if bad and args.delete:
+        print(
+            f"{n - len(bad)} of {n} cells ok; deleted {len(bad)} bad cell(s): rerun snakemake "
+            "to recompute exactly those",
+            file=sys.stderr,
+        )
+        return 0
+    if bad:
+        print(
+            f"{n - len(bad)} of {n} cells ok, {len(bad)} bad; `ropelens verify {args.root} "
+            "--delete` removes them so the next run recomputes exactly those",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"{n} cells ok", file=sys.stderr)
     return 0
 
 
@@ -296,13 +350,16 @@ def cmd_aggregate_ppl(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="ropelens",
         description="Benchmark RoPE context-extension methods from an attention perspective. "
         "The Snakemake workflow calls these subcommands, one per cell; you can run any of them "
         "by hand.",
     )
     p.add_argument("--version", action="version", version=f"ropelens {__version__}")
+    p.add_argument(
+        "--debug", action="store_true", help="full tracebacks on errors (or ROPELENS_DEBUG=1)"
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("check-config", help="validate a workflow config and summarise its grid")
@@ -310,9 +367,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base-dir", default=".", help="folder that relative paths start from")
     s.set_defaults(func=cmd_check_config)
 
+    s = sub.add_parser(
+        "verify",
+        help="check every cell under a folder against its schema and its path",
+        description="Read every cell (results/{ppl,attention,needle}/...parquet), check it against "
+        "its declared schema (ropelens.schemas) and its own coordinates (model/method/length/depth "
+        "in its path vs its rows and metadata), and name each bad one. Exit 1 if any is bad.",
+    )
+    s.add_argument("root", nargs="?", default="results", help="results folder (default: results)")
+    s.add_argument("--delete", action="store_true", help="delete bad cells (the next run redoes)")
+    s.set_defaults(func=cmd_verify)
+
     s = sub.add_parser("make-tiny", help="write a tiny random-init LLaMA + byte tokenizer")
     s.add_argument("--out", required=True, help="output model directory")
-    s.add_argument("--pretrained-length", type=int, required=True, help="max_position_embeddings")
+    s.add_argument(
+        "--pretrained-length", type=_positive_int, required=True, help="max_position_embeddings"
+    )
     s.add_argument("--spec", type=_json, help="JSON of shape options (hidden_size, layers, ...)")
     s.set_defaults(func=cmd_make_tiny)
 
@@ -345,9 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spec", type=_json, required=True, help="JSON cell spec (model + method)")
     s.add_argument("--settings", type=_json, required=True, help="JSON ppl settings from config")
     s.add_argument("--tokens", required=True, help="tokenised corpus Parquet")
-    s.add_argument("--length", type=int, required=True, help="context length in tokens")
+    s.add_argument("--length", type=_positive_int, required=True, help="context length in tokens")
     s.add_argument("--out", required=True, help="output cell Parquet")
-    s.add_argument("--threads", type=int, help="torch CPU threads")
+    s.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     s.set_defaults(func=cmd_ppl)
 
     s = sub.add_parser("aggregate-ppl", help="perplexity table (+ chart) from PPL cells")
@@ -361,9 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spec", type=_json, required=True, help="JSON cell spec (model + method)")
     s.add_argument("--settings", type=_json, required=True, help="JSON attention settings")
     s.add_argument("--tokens", required=True, help="tokenised corpus Parquet")
-    s.add_argument("--length", type=int, required=True, help="context length in tokens")
+    s.add_argument("--length", type=_positive_int, required=True, help="context length in tokens")
     s.add_argument("--out", required=True, help="output cell Parquet")
-    s.add_argument("--threads", type=int, help="torch CPU threads")
+    s.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     s.set_defaults(func=cmd_attention)
 
     s = sub.add_parser(
@@ -418,10 +488,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spec", type=_json, required=True, help="JSON cell spec (model + method)")
     s.add_argument("--settings", type=_json, required=True, help="JSON needle settings")
     s.add_argument("--haystack", required=True, help="haystack corpus Parquet (column text)")
-    s.add_argument("--length", type=int, required=True, help="prompt length in tokens")
-    s.add_argument("--depth", type=float, required=True, help="needle depth in percent (0-100)")
+    s.add_argument("--length", type=_positive_int, required=True, help="prompt length in tokens")
+    s.add_argument("--depth", type=_depth, required=True, help="needle depth in percent (0-100)")
     s.add_argument("--out", required=True, help="output cell Parquet")
-    s.add_argument("--threads", type=int, help="torch CPU threads")
+    s.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     s.set_defaults(func=cmd_needle)
 
     s = sub.add_parser(
@@ -447,20 +517,126 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("ROPELENS_DEBUG", "0") not in ("", "0")
     try:
+        check_arguments(args)
         return args.func(args)
-    except RopelensError as e:
-        print(f"ropelens: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("ropelens: interrupted; no output written", file=sys.stderr)
         return 130
-    except Exception as e:  # torch OOM and other runtime failures: one line, no partial file
-        if "out of memory" in str(e).lower():
-            first = str(e).strip().splitlines()[0]
-            print(f"ropelens: error: out of memory: {first}", file=sys.stderr)
-            return 3
-        raise
+    except Exception as e:  # one line; the traceback only when asked for
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"ropelens: error: {explain(e, args)}", file=sys.stderr)
+        return 2 if isinstance(e, RopelensError) else 3 if _is_oom(e) else 1
+
+
+def _is_oom(e: Exception) -> bool:
+    return "out of memory" in str(e).lower()
+
+
+def explain(e: Exception, args) -> str:
+    """One line for an exception of a subcommand: what failed, for which output, what to do."""
+    if isinstance(e, RopelensError):
+        return str(e)
+    first = (str(e).strip().splitlines() or [""])[0]
+    cell = f" for {args.out}" if getattr(args, "out", None) else ""
+    if _is_oom(e):
+        return f"out of memory{cell}: {first}; give the job more memory or a shorter length"
+    if isinstance(e, KeyError):
+        return (
+            f"{args.command}{cell}: the JSON arguments lack the key {first}; pass them as the "
+            "workflow does (the command is in the cell's log, or `snakemake -p -n <cell>`)"
+        )
+    return (
+        f"{args.command} failed{cell}: {type(e).__name__}: {first}; nothing was written "
+        "(ROPELENS_DEBUG=1 or `ropelens --debug` shows the traceback)"
+    )
+
+
+# --- arguments checked before any work: inputs exist and have the right columns, outputs can be
+# written, cell specs are complete -----------------------------------------------------------------
+
+INPUT_COLUMNS = {  # argument -> columns its Parquet must have, and what it is
+    "tokens": (("doc_id", "n_tokens", "input_ids"), "a tokenised corpus (`ropelens tokenize`)"),
+    "corpus": (("doc_id", "text"), "a materialised corpus (`ropelens corpus`)"),
+    "haystack": (("text",), "a materialised corpus (`ropelens corpus`)"),
+}
+SPEC_KEYS = ("model", "method", "source", "pretrained_length", "registry", "params")
+
+
+def check_arguments(args) -> None:
+    for name, (columns, what) in INPUT_COLUMNS.items():
+        if getattr(args, name, None):
+            _check_input(getattr(args, name), f"--{name}", columns, what)
+    for cell in getattr(args, "cells", None) or []:
+        if not Path(cell).is_file():
+            raise RopelensError(f"{args.command}: cell '{cell}' does not exist; run its rule first")
+    outs = [getattr(args, k, None) for k in ("out", "prefix")]
+    for key in ("html", "png"):
+        value = getattr(args, key, None)
+        outs += value if isinstance(value, list) else [value]
+    for out in filter(None, outs):
+        _check_output(Path(out))
+    spec = getattr(args, "spec", None)
+    if isinstance(spec, dict) and args.command in ("ppl", "attention", "needle", "continual"):
+        missing = [k for k in SPEC_KEYS if k not in spec]
+        source = spec.get("source")
+        if not missing and not (isinstance(source, dict) and ("path" in source or "hub" in source)):
+            missing = ["source.path or source.hub"]
+        if missing:
+            raise RopelensError(
+                f"--spec: missing {', '.join(missing)}; pass the cell spec the workflow gives "
+                "(the command is in the cell's log, or `snakemake -p -n <cell>`)"
+            )
+    settings = getattr(args, "settings", None)
+    if isinstance(settings, dict) and args.command in ("ppl", "attention", "needle"):
+        from ropelens import config
+
+        props = config.schema()["properties"][args.command]["properties"]
+        grid = config.GRID_KEYS.get(args.command, ())
+        missing = [k for k, p in props.items() if "default" in p and k not in grid]
+        missing = [k for k in missing if k not in settings]
+        if missing:
+            raise RopelensError(
+                f"--settings: missing {', '.join(missing)}; pass the {args.command} settings the "
+                "workflow gives (the command is in the cell's log, or `snakemake -p -n <cell>`)"
+            )
+
+
+def _check_input(path: str, flag: str, columns, what: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not Path(path).is_file():
+        raise RopelensError(f"{flag}: '{path}' does not exist; give {what}")
+    try:
+        names = pq.read_schema(path).names
+    except (OSError, pa.ArrowException):
+        raise RopelensError(f"{flag}: '{path}' is not a Parquet file; give {what}") from None
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise RopelensError(
+            f"{flag}: '{path}' is not {what}: it lacks {', '.join(missing)} "
+            f"(it has {', '.join(names)})"
+        )
+
+
+def _check_output(out: Path) -> None:
+    """The output's folder exists or can be made (no file in the way) and is writable."""
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RopelensError(
+            f"cannot write '{out}': '{parent}' is a file, not a folder; choose another output path"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RopelensError(f"cannot write '{out}': no write permission in '{parent}'")
+    if out.is_dir() and out.suffix:
+        raise RopelensError(f"cannot write '{out}': it is a folder; choose another output path")
 
 
 if __name__ == "__main__":

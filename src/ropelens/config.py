@@ -200,8 +200,11 @@ def check(cfg: dict, base_dir: str | os.PathLike = ".") -> None:
 
 
 def prepare(cfg: dict, base_dir: str | os.PathLike = ".") -> dict:
+    from ropelens import preflight
+
     cfg = validate(cfg)
     check(cfg, base_dir)
+    preflight.check(cfg, base_dir)  # what the config points at: models, labels (plan time)
     prepare_resources(cfg)  # cluster resources (issue 6), see the block at the end
     return cfg
 
@@ -292,14 +295,58 @@ def cell_spec(cfg: dict, model: str, method: str) -> dict:
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
+    """A config file as a dict; a missing, unreadable, empty or malformed file is one line."""
+    path = Path(path)
     try:
-        return yaml.safe_load(Path(path).read_text()) or {}
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config file '{path}' does not exist") from None
+        raise ConfigError(f"config file '{path}' does not exist; check the path") from None
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        raise ConfigError(f"config file '{path}': cannot be read ({why})") from None
+    try:
+        cfg = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file '{path}'{where}: not valid YAML") from None
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "not valid YAML"
+        raise ConfigError(f"config file '{path}'{where}: {problem}; fix the YAML there") from None
+    if cfg is None:
+        raise ConfigError(
+            f"config file '{path}' is empty; give models, methods, lengths, corpora and ppl "
+            "(see the README), or restore it with `git checkout config.yaml`"
+        )
+    if not isinstance(cfg, dict):
+        raise ConfigError(
+            f"config file '{path}': the top level is a {type(cfg).__name__}, not a mapping of keys"
+        )
+    return cfg
+
+
+def typed_overrides(overrides) -> dict:
+    """``--config key=value`` values with YAML types inside lists and mappings too (Snakemake
+    types only the top level: ``--config depths=[0,50]`` would give the strings '0' and '50')."""
+
+    def typed(value):
+        if isinstance(value, str):
+            try:
+                return yaml.safe_load(value)
+            except yaml.YAMLError:
+                return value
+        if isinstance(value, dict):
+            return {k: typed(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [typed(v) for v in value]
+        return value
+
+    return {k: typed(v) if isinstance(v, (dict, list)) else v for k, v in dict(overrides).items()}
+
+
+def default_config_path(workdir: Path, basedir: Path) -> Path:
+    """The config used without ``--configfile``: the working directory's config.yaml, else the
+    shipped default next to the Snakefile."""
+    here = Path(workdir) / "config.yaml"
+    return here if here.exists() else Path(basedir) / "config.yaml"
 
 
 def export_job_environment(src_dir, python: str | None) -> None:

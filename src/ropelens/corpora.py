@@ -56,45 +56,91 @@ BUILTIN = {"stdlib": _stdlib_docs, "pydoc": _pydoc_docs}
 
 
 def read_local(path: Path, column: str = "text"):
-    """Yield (doc_id, text) from a .txt file, a folder of .txt files, .jsonl or .parquet."""
+    """Yield (doc_id, text) from a .txt file, a folder of .txt files, .jsonl or .parquet.
+
+    A file that is not UTF-8, a JSONL line that is not a JSON object, or a text that is not a string
+    is a :class:`DataError` naming the file and the line (or row)."""
     if path.is_dir():
-        files = sorted(path.rglob("*.txt"))
-        for f in files:
-            yield f.relative_to(path).as_posix(), f.read_text(encoding="utf-8", errors="replace")
+        for f in sorted(path.rglob("*.txt")):
+            yield f.relative_to(path).as_posix(), _read_text(f)
         return
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        yield path.name, path.read_text(encoding="utf-8", errors="replace")
+        yield path.name, _read_text(path)
     elif suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as fh:
-            for i, line in enumerate(fh):
-                if line.strip():
-                    row = json.loads(line)
-                    if column not in row:
-                        raise DataError(f"{path}: line {i + 1} has no '{column}' field")
-                    yield str(row.get("id", i)), row[column]
+        yield from _read_jsonl(path, column)
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        if column not in table.column_names:
-            raise DataError(
-                f"{path}: no column '{column}' (columns: {', '.join(table.column_names)})"
-            )
-        ids = table.column("id").to_pylist() if "id" in table.column_names else None
-        for i, text in enumerate(table.column(column).to_pylist()):
-            yield str(ids[i] if ids else i), text
+        yield from _read_parquet(path, column)
     else:
         raise DataError(
             f"{path}: unsupported corpus format '{suffix}' (use .txt, .jsonl, .parquet)"
         )
 
 
+def _read_text(path: Path) -> str:
+    data = _read_bytes(path)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}: not UTF-8 (line {line}, byte {e.start}); convert it, e.g. "
+            f"iconv -f latin1 -t utf-8"
+        ) from None
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+
+
+def _read_jsonl(path: Path, column: str):
+    for i, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise DataError(
+                f"{path}: line {i} is not JSON ({e.msg}, column {e.colno}); "
+                "JSONL needs one JSON object per line"
+            ) from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {i} is a {type(row).__name__}, not a JSON object")
+        if column not in row:
+            raise DataError(f"{path}: line {i} has no '{column}' field")
+        yield str(row.get("id", i - 1)), _text(row[column], path, f"line {i}", column)
+
+
+def _read_parquet(path: Path, column: str):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    if column not in table.column_names:
+        raise DataError(f"{path}: no column '{column}' (columns: {', '.join(table.column_names)})")
+    ids = table.column("id").to_pylist() if "id" in table.column_names else None
+    for i, text in enumerate(table.column(column).to_pylist()):
+        yield str(ids[i] if ids else i), _text(text, path, f"row {i}", column)
+
+
+def _text(value, path: Path, where: str, column: str) -> str:
+    if isinstance(value, str):
+        return value
+    kind = "null" if value is None else type(value).__name__
+    raise DataError(f"{path}: {where}: '{column}' is {kind}, not a string; give each document text")
+
+
 def check_local(path: Path, corpus: dict, min_length: int, key: str) -> None:
     """DAG-time check: the file exists and holds a document of at least ``min_length`` chars."""
     if not path.exists():
         raise ConfigError(f"{key}: '{path}' does not exist; fix the path or create the file")
-    if not path.is_dir() and path.stat().st_size > 512 * 2**20:
+    if not path.is_dir() and path.is_file() and path.stat().st_size > 512 * 2**20:
         return  # too large to scan at DAG-build time; the data rule checks it
     try:
         longest = max((len(text) for _, text in read_local(path, corpus["column"])), default=0)

@@ -71,7 +71,7 @@ def configured(spec: dict):
     name, kwargs = _source_args(spec["source"])
     try:
         config = AutoConfig.from_pretrained(name, **kwargs)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # not there / not a model transformers knows
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RopelensError(f"cannot load model config '{name}': {first}") from None
     if not spec.get("apply", True):
