@@ -165,6 +165,31 @@ def test_new_length_runs_only_its_cells(base, snakemake):
     assert set(AGGREGATE_OF.values()) <= aggregates(proc)
 
 
+def test_new_length_after_removing_data_runs_only_its_cells(base, snakemake, tmp_path):
+    """Corpora and token files are regenerated from the config: removing results/data/ (to save
+    disk) and then adding a length recomputes the data and the new cells, no finished cell, and
+    the regenerated (newer) token files do not make finished cells stale afterwards either."""
+    import shutil
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(base[0], workdir, symlinks=True)  # copy2: mtimes and .snakemake metadata kept
+    shutil.rmtree(workdir / "results/data")
+    finished = cells(workdir)
+    kept = mtimes(workdir, finished)
+    cfg = changed(MICRO, lengths=[64, 128, 256], needle={"lengths": [128, 256]})
+    args = write_config(workdir, cfg, "longer.yaml")
+    plan = snakemake(workdir, *args, "-n")
+    assert {p for p in planned_computed(plan) if "/data/" not in p} == {
+        "results/ppl/model=micro/method=rope/length=256.parquet",
+        "results/ppl/model=micro/method=pi/length=256.parquet",
+        "results/needle/model=micro/method=rope/length=256/depth=0.parquet",
+        "results/needle/model=micro/method=pi/length=256/depth=0.parquet",
+    }
+    snakemake(workdir, *args, *LOCAL)
+    assert mtimes(workdir, finished) == kept
+    assert job_counts(snakemake(workdir, *args, "-n")) == {}
+
+
 def test_changed_method_params_rerun_that_method_only(base, snakemake):
     workdir, _ = base
     methods = {"rope": {}, "pi": {"factor": 3}}

@@ -88,17 +88,18 @@ def check_cell(path: str | os.PathLike, schema=None):
     missing = [f.name for f in schema if f.name not in t.column_names]
     if missing:
         return None, f"missing columns {', '.join(missing)} (written by another version or kind)"
+    meta = t.schema.metadata or {}
     try:
         t = t.select(schema.names).cast(schema)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
         return None, f"column types differ from the schema ({e})"
     if t.num_rows == 0:
         return None, "has no rows"
-    problem = _grid_problem(Path(path), t)
+    problem = _grid_problem(Path(path), t, meta)
     return (None, problem) if problem else (t, None)
 
 
-def _grid_problem(path: Path, table) -> str | None:
+def _grid_problem(path: Path, table, meta: dict) -> str | None:
     """The cell's coordinates in its path vs its columns and its recorded spec."""
     import json
 
@@ -111,7 +112,6 @@ def _grid_problem(path: Path, table) -> str | None:
         if found != {want}:
             shown = ", ".join(sorted(map(str, found)))
             return f"its path says {key}={value} but its rows say {shown}"
-    meta = table.schema.metadata or {}
     spec = json.loads(meta.get(b"ropelens.spec", b"{}") or b"{}")
     for key in ("model", "method"):
         if key in spec and key in coords and spec[key] != coords[key]:
