@@ -1,6 +1,6 @@
-"""Cells are verifiable: `ropelens verify` (and the aggregates) check every cell against its declared
-schema and its own coordinates, name each bad one, and can delete it so the next run recomputes
-exactly those; a truncated cell whose mtime did not change stops the plan instead of being kept."""
+"""Cells are verifiable: `ropelens verify` (and the aggregates) check every cell against its
+declared schema and its own coordinates, name each bad one, and can delete it so the next run
+recomputes exactly those; a truncated cell whose mtime did not change stops the plan."""
 
 from __future__ import annotations
 
