@@ -182,6 +182,9 @@ def test_uncomputable_cell_writes_nothing(tmp_path, snakemake):
     log = (tmp_path / "logs/ppl/model=micro/method=rope/length=128.log").read_text()
     assert "ropelens: error: no document has 128 tokens" in log
     assert "Traceback" not in log
+    # the same line on Snakemake's stderr, naming the cell
+    shown = "ropelens: ppl model=micro, method=rope, length=128: ropelens: error: no document"
+    assert shown in proc.stderr and "Traceback" not in proc.stderr
     assert not list((tmp_path / "results").rglob("*.tmp"))
 
 
