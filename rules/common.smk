@@ -113,7 +113,7 @@ def cell_data(kind):
 
     def data(wildcards):
         wc = dict(wildcards.items())
-        cell = f"results/{kind}/" + CELL_PATHS[kind].format(**wc)
+        cell = f"results/{kind}/{CELL_PATHS[kind].format(**wc)}"
         if kind == "needle":
             path = corpus_file(config["needle"]["haystack"])
         else:
