@@ -25,9 +25,8 @@ try:
 except ConfigError as e:
     sys.exit(f"ropelens: config error: {e}")
 validate(config, str(rlconfig.SCHEMA_PATH))
-if (
-    workflow.is_main_process
-):  # a cell that lost its end (same mtime) is not "up to date"
+# a cell file that lost its end (same mtime) is not "up to date": name it before planning
+if workflow.is_main_process:
     damaged = preflight.damaged_cells("results")
     if damaged:
         sys.exit(
