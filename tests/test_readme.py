@@ -45,6 +45,10 @@ HOW = {
     "python bench/cell_overhead.py --lengths 256 1024 4096 --repeats 3": "flags",
     'bash scripts/slurm-local.sh start && eval "$(bash scripts/slurm-local.sh env)"': "script",
     "python bench/slurm_roundtrip.py --repeats 3 --chain 4": "flags",
+    "HF_HUB_OFFLINE=1 snakemake -n --configfile configs/smollm2.yaml": "run",
+    "HF_HUB_OFFLINE=1 snakemake -n --configfile configs/smollm2-long.yaml": "run",
+    "python bench/smollm2.py --cores 2 --workdir /tmp/bench_smollm2"
+    " --out bench/results/smollm2.md": "flags",
 }
 
 
