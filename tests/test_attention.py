@@ -146,15 +146,17 @@ def run_stats(model, input_ids, spec, attention_mask=None):
     return rec, logits
 
 
-def direct(q, k, v, spec, mask=None):
-    """The attention function itself on q (B, H, L, D), k and v (B, Hkv, L, D): its recorder
-    and output."""
+def direct(q, k, v, spec, mask=None, **kwargs):
+    """The attention function itself on q (B, H, L, D), k and v (B, Hkv, L, D) (``kwargs`` as
+    models pass them): its recorder and output."""
     module = torch.nn.Module()
     module.layer_idx, module.is_causal = 0, True
     rec = att.AttentionRecorder(spec)
     prev, att._ACTIVE = att._ACTIVE, rec
     try:
-        out, _ = att.stats_attention_forward(module, q, k, v, mask, scaling=q.shape[-1] ** -0.5)
+        out, _ = att.stats_attention_forward(
+            module, q, k, v, mask, scaling=q.shape[-1] ** -0.5, **kwargs
+        )
     finally:
         att._ACTIVE = prev
     return rec, out
@@ -464,6 +466,109 @@ def test_float_mask_direct(dtype, kernel):
     valid = (mask[:, 0] > fmin).any(-1).numpy()
     assert not valid[1, 5] and valid.sum() == 2 * L - 1
     assert_matches(rec.table(), reference([probs], spec, valid=valid))
+
+
+def qkv(B, H, Hkv, Lq, Lk, D=16, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Lq, D, generator=g) * 2
+    k, v = (torch.randn(B, Hkv, Lk, D, generator=g) * 2 for _ in range(2))
+    return q, k, v
+
+
+def test_softcap_direct(kernel):
+    """Soft-capped logits (Gemma2: s = cap * tanh(s / cap) before the mask): the output and the
+    statistics follow the capped softmax, computed here in float64; the cap binds (differs)."""
+    B, H, Hkv, L, D, cap = 1, 4, 2, 40, 16, 2.0
+    q, k, v = qkv(B, H, Hkv, L, L, D)
+    q = q * 3
+    spec = StatsSpec(position_bins=5, distance_bins=6, spans=[(4, 19)], memory_budget_bytes=20_000)
+    rec, out = direct(q, k, v, spec, softcap=cap)
+    assert rec.fast_queries == 0 and rec.chunks > 2
+    s = q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2) * D**-0.5
+    capped = cap * torch.tanh(s / cap)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    probs = torch.softmax(capped.masked_fill(~causal, -math.inf), -1)
+    exact = (probs @ v.double().repeat_interleave(2, 1)).transpose(1, 2)
+    assert (out.double() - exact).abs().max().item() < 1e-5
+    assert_matches(rec.table(), reference([probs.numpy()], spec))
+    plain = torch.softmax(s.masked_fill(~causal, -math.inf), -1)
+    assert (plain - probs).abs().max().item() > 0.1
+
+
+def test_sliding_cache_positions_are_absolute(kernel):
+    """A decoding step over a sliding-window cache: the keys are the window's last 16 of 100
+    positions (position_ids give the query's), so spans, position bins (k / 100) and
+    query_start are absolute, as over the full 100 keys with the earlier ones at probability 0."""
+    B, H, Hkv, W, D, pos = 1, 4, 2, 16, 16, 99
+    q, k, v = qkv(B, H, Hkv, 1, W, D)
+    mask = torch.ones(B, 1, 1, W, dtype=torch.bool)
+    spans = [(80, 90), (0, 84), (95, 200)]
+    spec = StatsSpec(position_bins=8, distance_bins=9, spans=spans, query_start=pos)
+    rec, out = direct(q, k, v, spec, mask, position_ids=torch.tensor([[pos]]), sliding_window=W)
+    probs = torch.softmax(q @ k.repeat_interleave(2, 1).transpose(-1, -2) * D**-0.5, -1)
+    full = np.zeros((B, H, pos + 1, pos + 1))
+    full[:, :, pos, pos + 1 - W :] = probs[:, :, 0].numpy()
+    valid = np.zeros((B, pos + 1), dtype=bool)
+    valid[:, pos] = True
+    assert_matches(rec.table(), reference([full], spec, valid=valid))
+    late = StatsSpec(query_start=pos + 1)
+    rec_late, _ = direct(q, k, v, late, mask, position_ids=torch.tensor([[pos]]))
+    assert rec_late.table().column("n_queries").to_pylist() == [0] * H
+    # left padding (the query before slot Lk - 1) and no position_ids: key slots are positions
+    assert att._key_offset(torch.tensor([[3, 4, 5]]), 8) == 0
+    assert att._key_offset(None, 8) == 0
+    assert att._key_offset(torch.tensor([[40]]), 16) == 25
+    with pytest.raises(NotImplementedError, match="different positions"):
+        att._key_offset(torch.tensor([[40], [41]]), 16)
+
+
+def test_refuses_what_it_cannot_compute_exactly():
+    """Attention sinks, position biases, packed sequences, a window without its mask: one line
+    naming the module's class and the argument, never a silently different result."""
+    q, k, v = qkv(1, 4, 4, 10, 10)
+    spec = StatsSpec()
+    for name, value in [
+        ("s_aux", torch.zeros(4)),
+        ("position_bias", torch.zeros(1, 4, 10, 10)),
+        ("cu_seq_lens_q", torch.tensor([0, 10])),
+    ]:
+        with pytest.raises(NotImplementedError, match=f"Module asks for: argument '{name}'"):
+            direct(q, k, v, spec, **{name: value})
+    direct(q, k, v, spec, s_aux=None, use_cache=True, output_attentions=False)  # features off
+    with pytest.raises(NotImplementedError, match="sliding window of 4 but no attention mask"):
+        direct(q, k, v, spec, sliding_window=4)
+
+
+def test_outside_block_eager_where_the_model_has_no_sdpa():
+    """Outside the recorder the function is the model's own attention: for Gemma2 (no SDPA: its
+    logits are soft-capped) its eager attention, with the mask transformers skipped or gave as
+    booleans made additive; the result equals an eager load."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=8,
+        attn_logit_softcapping=3.0,
+    )
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(cfg).eval()
+    x = ids(1, 20)
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        ref = model(x).logits
+        model.set_attn_implementation(att.ATTN_IMPLEMENTATION)
+        got = model(x).logits
+        short = model(x[:, :6]).logits  # within the window: transformers skips the mask
+        model.set_attn_implementation("eager")
+        short_ref = model(x[:, :6]).logits
+    assert (got - ref).abs().max().item() < 1e-5
+    assert (short - short_ref).abs().max().item() < 1e-5
 
 
 def test_inference_only():

@@ -3,6 +3,7 @@ reference (eager attention, a plain transformers load). Adding an architecture i
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,10 @@ def test_table_covers_what_the_issue_names():
         types = getattr(cfg, "layer_types", None)
         if a.sliding and types is not None:
             assert {"sliding_attention", "full_attention"} <= set(types), a.name
+        if a.softcap:
+            assert cfg.attn_logit_softcapping is not None
+        if a.mla:
+            assert cfg.v_head_dim != cfg.qk_head_dim
 
 
 # --- methods: every RoPE architecture x every registry method ----------------------------------
@@ -243,6 +248,240 @@ def test_check_config_prints_the_refusal_as_one_line(arch_dir, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("ropelens: error: "), proc.stderr
         assert f"models.{name}" in lines[0] or f"model '{name}'" in lines[0], lines[0]
         assert "Traceback" not in proc.stderr
+
+
+# --- attention: statistics and logits under ropelens' attention equal the model's own ----------
+
+ROPE = [a.name for a in archs.ROPE_ARCHS]
+LENGTH = 40  # prefill queries: longer than the sliding window (16)
+NEEDLE_LENGTH = 96  # needle prompt: the shortest the default template fits, 6 windows long
+TOL = 1e-4
+HAYSTACK = ["The quick brown fox jumps over the lazy dog. It was a sunny day.\n"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=[True, False], ids=["rowstats", "torch-ops"])
+def kernel(request, monkeypatch):
+    """CPU chunks reduce rows with the compiled kernel or with torch operations (other devices)."""
+    from ropelens import attention as att
+
+    monkeypatch.setattr(att, "CPU_KERNEL", request.param)
+    monkeypatch.setattr(att, "CPU_KERNEL_MIN_WORK", 0 if request.param else 2**62)
+    monkeypatch.setattr(att, "_work", 0)
+
+
+def load_plain(model_dir, name: str):
+    """The model as a ropelens cell loads it (no method applied: attention is the subject)."""
+    return models.load(spec_of(model_dir, name, "rope", apply=False))
+
+
+def eager(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+
+
+def eager_probs(model, seq) -> list:
+    """Per layer (heads, queries, keys) float64 eager attention of one uncached forward."""
+    with torch.no_grad():
+        out = model(torch.tensor([seq]), output_attentions=True, use_cache=False)
+    return [a[0].double().numpy() for a in out.attentions]
+
+
+def reference(probs, spec, queries):
+    """Statistics from eager probabilities at absolute positions, per layer and head, over the
+    ``queries``: (q, total) pairs, query q seeing keys 0..q of the ``total`` keys of its call (a
+    prefill of L: total L; a decoding step: q + 1), position bins of k / total."""
+    rows = []
+    for layer, a in enumerate(probs):
+        for h in range(a.shape[0]):
+            ent, pos, dist, span, last = [], 0.0, 0.0, 0.0, math.nan
+            for q, total in queries:
+                p = a[h, q, :total]
+                assert abs(p.sum() - 1) < 1e-5 and p[q + 1 :].sum() == 0
+                e = float(-(p[p > 0] * np.log(p[p > 0])).sum())
+                ent.append(e)
+                last = e
+                pb = np.zeros(spec.position_bins)
+                np.add.at(pb, (np.arange(total) * spec.position_bins) // total, p)
+                d = q - np.arange(q + 1)
+                bins = np.where(d == 0, 0, np.floor(np.log2(np.maximum(d, 1))) + 1).astype(int)
+                db = np.zeros(spec.distance_bins)
+                np.add.at(db, np.minimum(bins, spec.distance_bins - 1), p[: q + 1])
+                sm = np.array([p[max(s, 0) : max(min(t, total), 0)].sum() for s, t in spec.spans])
+                pos, dist, span = pos + pb, dist + db, span + sm
+            n = len(ent)
+            rows.append(
+                dict(
+                    layer=layer,
+                    head=h,
+                    n_queries=n,
+                    entropy_mean=float(np.mean(ent)),
+                    entropy_last=last,
+                    pos_mass=pos / n,
+                    dist_mass=dist / n,
+                    span_mass=span / n,
+                )
+            )
+    return rows
+
+
+def assert_matches(table, ref, keys=("pos_mass", "dist_mass", "span_mass")):
+    got = table.to_pylist()
+    assert [(g["layer"], g["head"], g["n_queries"]) for g in got] == [
+        (r["layer"], r["head"], r["n_queries"]) for r in ref
+    ]
+    for g, r in zip(got, ref, strict=True):
+        for k in ("entropy_mean", "entropy_last"):
+            assert abs(g[k] - r[k]) < TOL, (g["layer"], g["head"], k, g[k], r[k])
+        for k in keys:
+            np.testing.assert_allclose(g[k], r[k], atol=TOL, rtol=0, err_msg=k)
+
+
+def prompt_ids(length, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (length,), generator=g).tolist()
+
+
+@pytest.mark.parametrize("name", ROPE)
+def test_attention_cell_statistics_equal_eager(name, arch_dir, kernel):
+    """Prefill statistics (recorder with spans, in several chunks; and an attention cell through
+    distributions.measure) equal eager attention on every layer, sliding ones included."""
+    from ropelens import distributions
+    from ropelens.attention import StatsSpec, record_attention
+
+    from .conftest import token_table
+
+    d = arch_dir(name)
+    model = load_plain(d, name).model
+    seq = prompt_ids(LENGTH)
+    probs = eager_probs(eager(d), seq)
+    spec = StatsSpec(
+        position_bins=8,
+        distance_bins=7,
+        spans=[(3, 9), (20, 37), (30, 90)],
+        query_start=10,
+        memory_budget_bytes=40_000,  # several chunks per layer
+    )
+    with torch.no_grad(), record_attention(model, spec) as rec:
+        model(torch.tensor([seq]))
+    assert rec.chunks > 2 * model.config.num_hidden_layers
+    queries = [(q, LENGTH) for q in range(10, LENGTH)]
+    assert_matches(rec.table(), reference(probs, spec, queries))
+    # the attention cell: last half of the document's queries, position and distance bins
+    settings = dict(
+        documents=1, query_fraction=0.5, position_bins=8, distance_bins=7, memory_budget_mb=1
+    )
+    table, n = distributions.measure(model, token_table([seq]), LENGTH, settings)
+    cell_spec = StatsSpec(position_bins=8, distance_bins=7)
+    ref = reference(probs, cell_spec, [(q, LENGTH) for q in range(LENGTH // 2, LENGTH)])
+    assert n == 1
+    assert_matches(table, ref, keys=("pos_mass", "dist_mass"))
+
+
+@pytest.mark.parametrize("name", ROPE)
+def test_needle_decoding_statistics_equal_eager(name, arch_dir, kernel):
+    """A needle cell (prompt 6 sliding windows long, greedy decoding with the KV cache) records
+    every answering query on every layer, with entropy and needle-span mass equal to eager
+    attention of one uncached forward over prompt + fed tokens, at absolute positions."""
+    from ropelens import needle, retrieval
+
+    d = arch_dir(name)
+    loaded = load_plain(d, name)
+    tok, length, new = loaded.tokenizer, NEEDLE_LENGTH, 5
+    settings = {"seed": 3, "max_new_tokens": new, "memory_budget_mb": 1}
+    rows = retrieval.run_cell(loaded.model, tok, HAYSTACK, length, 50, settings)
+    assert rows["status"][0] == "ok", rows["error"]
+    prompt = needle.build_prompt(tok, HAYSTACK, length, 50, needle.cell_seed(length, 50, 3))
+    # independent greedy decoding: uncached eager forwards over the whole sequence
+    ref_model, seq, fed = eager(d), list(prompt.input_ids), 0
+    for _ in range(new):
+        with torch.no_grad():
+            nxt = int(ref_model(torch.tensor([seq]), use_cache=False).logits[0, -1].argmax())
+        fed += 1
+        if nxt == tok.eos_token_id:
+            break
+        seq.append(nxt)
+    assert rows["generated"][0] == tok.decode(seq[length:])
+    probs = eager_probs(ref_model, seq[: length - 1 + fed])
+    queries = [(q, q + 1) for q in range(length - 1, length - 1 + fed)]
+    s0, s1 = prompt.needle_span
+    assert s1 < length - 2 * archs.WINDOW  # the needle is outside every answering query's window
+    from ropelens.attention import StatsSpec
+
+    ref = reference(probs, StatsSpec(spans=[(s0, s1)]), queries)
+    assert rows["answering_queries"] == [fed] * len(ref)
+    assert [(r["layer"], r["head"]) for r in ref] == list(zip(rows["layer"], rows["head"]))
+    for r, ent, mass in zip(ref, rows["entropy"], rows["needle_mass"], strict=True):
+        assert abs(ent - r["entropy_mean"]) < TOL, (r["layer"], r["head"], ent, r["entropy_mean"])
+        assert abs(mass - r["span_mass"][0]) < TOL, (r["layer"], r["head"])
+    # the same decoding, every statistic: position bins (k / keys of the step), distances, spans
+    spec = StatsSpec(
+        position_bins=8, distance_bins=9, spans=[(s0, s1), (60, 200)], query_start=length - 1
+    )
+    out, table = retrieval._greedy_recorded(
+        loaded.model, prompt.input_ids, new, tok.eos_token_id, spec
+    )
+    assert out == seq[length:]
+    assert_matches(table, reference(probs, spec, queries))
+
+
+@pytest.mark.parametrize("name", ROPE)
+def test_logits_equal_the_models_own_attention(name, arch_dir):
+    """Logits of a prefill and two cached decoding steps: ropelens' attention function, recording
+    and not, equals the attention the model loads with (SDPA, or eager where it has no SDPA)
+    within 1e-5; where the model has a sliding window or soft-capping, dropping it would change
+    them by far more (so the comparison can fail)."""
+    from ropelens.attention import ATTN_IMPLEMENTATION, StatsSpec, record_attention
+
+    arch = archs.BY_NAME[name]
+    model = load_plain(arch_dir(name), name).model
+    native = model.config._attn_implementation
+    assert native == ("eager" if arch.softcap else "sdpa")
+    seq = prompt_ids(LENGTH)
+
+    def run():
+        with torch.no_grad():
+            out = model(torch.tensor([seq[:-2]]), use_cache=True)
+            steps = [out.logits[0]]
+            cache = out.past_key_values
+            for t in seq[-2:]:
+                out = model(torch.tensor([[t]]), past_key_values=cache, use_cache=True)
+                steps.append(out.logits[0])
+        return torch.cat(steps)
+
+    own = run()
+    with record_attention(model, StatsSpec(query_start=5)):
+        recorded = run()
+    assert model.config._attn_implementation == native
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    try:
+        plain = run()
+    finally:
+        model.set_attn_implementation(native)
+    torch.testing.assert_close(recorded, own, rtol=0, atol=1e-5)
+    torch.testing.assert_close(plain, own, rtol=0, atol=1e-5)
+    changed = {}
+    if arch.sliding:
+        changed["sliding_window"] = 10**6
+    if arch.softcap:
+        changed["attn_logit_softcapping"] = None
+    for key, value in changed.items():
+        setattr(model.config, key, value)
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            if key == "sliding_window" and getattr(attn, "sliding_window", None):
+                attn.sliding_window = value
+            if key == "attn_logit_softcapping":
+                attn.attn_logit_softcapping = value
+        assert (run() - own).abs().max() > 1e-3, key
 
 
 # --- the README's supported-architectures table is this matrix ---------------------------------

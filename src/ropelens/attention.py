@@ -1,4 +1,4 @@
-"""Attention with streamed statistics: same output as SDPA, plus per-(layer, head) summaries.
+"""Attention with streamed statistics: the model's own output, plus per-(layer, head) summaries.
 
 The registered attention function processes queries in chunks, so no (queries x keys x heads)
 tensor is ever built: peak extra memory is O(chunk x keys x heads), with the chunk size derived from
@@ -15,9 +15,20 @@ maxima and the prefix sums, once the process has done enough statistics work to 
 (CPU_KERNEL_MIN_WORK); before that, and on other devices, torch operations do (key-block sums plus
 gathered partial blocks).
 
-Positions are indices into the key tensor (cache slots, left padding included); query i of a call
-sits at Lk - Lq + i. Queries without any visible key (padding) are not counted. Keys after the query
-(non-causal masks) are in no distance bin. Inference only (no autograd through the output).
+Positions are absolute: the keys of a call are the Lk positions that end at its last query, whose
+position is the one RoPE was given (``position_ids``), and query i sits at key slot Lk - Lq + i. So
+a sliding-window cache, which holds only the window's keys, is placed where its keys are: every
+answering query of a decoding step counts, and spans, position bins (k / keys so far) and
+``query_start`` mean the same on sliding and full layers. Where position_ids are absent or put the
+last query before slot Lk - 1 (left padding), positions are key slots (left padding included).
+Queries without any visible key (padding) are not counted. Keys after the query (non-causal masks)
+are in no distance bin. Inference only (no autograd through the output).
+
+Soft-capped logits (Gemma2: s = cap * tanh(s / cap), before the mask) are capped here too, so the
+statistics see what the model's softmax sees. Outside record_attention the function is the model's
+own attention: SDPA, or its modeling file's eager attention where the model has no SDPA or asks for
+soft-capping. What it cannot compute exactly (attention sinks, position biases, packed sequences)
+is refused in one line naming the module and the argument, never silently ignored.
 
 On CPU with several torch threads, the chunks run on a pool of Python threads with single-threaded
 ops: faster than intra-op threading for these many mid-sized ops, and far more robust on a busy
@@ -36,11 +47,13 @@ feeds. The statistics always come from the fp32 probabilities. fp32 inputs keep 
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import torch
@@ -164,20 +177,19 @@ def stats_attention_forward(
     is_causal: bool | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """AttentionInterface function: SDPA's output; inside record_attention also the statistics."""
+    """AttentionInterface function: the model's own attention output (SDPA, or its eager
+    attention where SDPA cannot do what it asks); inside record_attention also the statistics."""
     rec = _ACTIVE
+    _check_kwargs(module, kwargs)
     if rec is None:
-        return sdpa_attention_forward(
+        return _plain_attention(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
         )
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
         raise RuntimeError("ropelens_stats attention is inference-only: run under torch.no_grad()")
     if dropout > 0:
         raise NotImplementedError("ropelens_stats attention does not support dropout")
-    if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
-        raise NotImplementedError(
-            "ropelens_stats attention supports neither softcap nor position_bias"
-        )
+    softcap = kwargs.get("softcap")
     spec = rec.spec
     B, H, Lq, D = query.shape
     Hkv, Dv = key.shape[1], value.shape[-1]
@@ -187,7 +199,9 @@ def stats_attention_forward(
     if attention_mask is None and is_causal and 1 < Lq < key.shape[2]:
         key, value = key[:, :, :Lq], value[:, :, :Lq]  # as SDPA: prefill into an empty static cache
     Lk = key.shape[2]
-    off = Lk - Lq  # absolute position of query 0
+    _check_window(module, kwargs.get("sliding_window"), attention_mask, Lk)
+    off = Lk - Lq  # key slot of query 0
+    koff = _key_offset(kwargs.get("position_ids"), Lk)  # absolute position of key slot 0
     dev, f32 = query.device, torch.float32
     fmin = torch.finfo(f32).min
     tf32 = _tf32_exact(query)  # TF32 matmuls on unscaled q, logits scaled after
@@ -199,11 +213,15 @@ def stats_attention_forward(
     # Masses are differences of prefix sums S(c) = sum_{k<c} p_k taken at boundaries c = base (+ the
     # query position for distance bins): masses = S(boundaries) @ diff + const. S(0) = 0 and
     # S(Lk) = 1 are constants, so position edges 0 and Lk and lags >= Lk are not gathered.
+    # Position edges and spans are absolute, converted to key slots (a sliding cache's keys start
+    # at koff: edges before it have S = 0); distances are the same in slots.
     nb_pos, n_span, nb_dist = spec.position_bins, len(spec.spans), spec.distance_bins
     lags = [0] + [2**i for i in range(nb_dist - 1)]
     lags = [lag for lag in lags if lag < Lk]
-    base = [(b * Lk + nb_pos - 1) // nb_pos for b in range(1, nb_pos)]
-    base += [min(max(int(c), 0), Lk) for span in spec.spans for c in span]
+    total = koff + Lk  # keys 0..total-1 in absolute positions, the window's last Lk in the cache
+    base = [(b * total + nb_pos - 1) // nb_pos - koff for b in range(1, nb_pos)]
+    base += [int(c) - koff for span in spec.spans for c in span]
+    base = [min(max(c, 0), Lk) for c in base]
     n_fixed = len(base)
     base += [1 - lag for lag in lags]
     diff = torch.zeros(len(base), nb_pos + nb_dist + n_span)
@@ -227,7 +245,7 @@ def stats_attention_forward(
     per_query = torch.arange(len(base), device=dev) >= n_fixed
     positions = torch.arange(off, Lk, device=dev)
     bounds = base + positions[:, None] * per_query  # (Lq, boundaries)
-    counted = positions >= spec.query_start
+    counted = positions + koff >= spec.query_start
     lane = torch.arange(BLOCK, device=dev)
 
     out = torch.empty(B, Lq, H, Dv, dtype=query.dtype, device=dev)
@@ -235,8 +253,8 @@ def stats_attention_forward(
     # [0, fast) see only keys [0, fast), so fused SDPA on that prefix gives exactly their output.
     # They are not counted, so they need no statistics. Masks and decoding steps keep the chunks.
     fast = 0
-    if FAST_PATH and off == 0 and is_causal and attention_mask is None:
-        fast = min(max(spec.query_start, 0), Lq)
+    if FAST_PATH and off == 0 and koff == 0 and is_causal and attention_mask is None:
+        fast = 0 if softcap is not None else min(max(spec.query_start, 0), Lq)
     if fast:
         # GQA: repeat the kv heads (enable_gqa needs torch >= 2.5; pyproject allows 2.4)
         k_fast, v_fast = key[:, :, :fast], value[:, :, :fast]
@@ -293,6 +311,8 @@ def stats_attention_forward(
         torch.matmul(qc, k32[:, :, :kend].transpose(-1, -2), out=s)
         if tf32:
             s.mul_(scaling)
+        if softcap is not None:  # the statistics see the capped logits, as the model's softmax
+            s.div_(softcap).tanh_().mul_(softcap)
         s4 = s.view(B, H, n, kend)
         if m is None:
             if is_causal and off + c0 + 1 < kend:  # mask k > q in the trailing triangle
@@ -354,6 +374,102 @@ def stats_attention_forward(
         cnt, last = results[-1][1].unbind(-1)
         acc["entropy_last"] = torch.where(cnt > 0, last / cnt.clamp(min=1), acc["entropy_last"])
     return out, None
+
+
+# kwargs that models pass to attention functions and that change nothing here (None or False is
+# always accepted: the feature is off); anything else is refused, never silently ignored
+_HANDLED = {"position_ids", "sliding_window", "softcap"}
+_IGNORED = {"use_cache", "output_attentions", "output_hidden_states", "output_router_logits"}
+_IGNORED |= {"return_dict", "cache_position", "max_length_q", "max_length_k", "deterministic"}
+
+
+def _check_kwargs(module: torch.nn.Module, kwargs: dict) -> None:
+    """Refuse, in one line naming the module, what the statistics attention cannot do exactly
+    (attention sinks, position biases, packed sequences, ...)."""
+    for name, v in kwargs.items():
+        if name in _HANDLED or name in _IGNORED or v is None or v is False:
+            continue
+        raise NotImplementedError(
+            f"ropelens_stats attention cannot compute exactly what {type(module).__name__} asks "
+            f"for: argument '{name}' is not supported"
+        )
+
+
+def _check_window(module, window: int | None, mask: torch.Tensor | None, keys: int) -> None:
+    """A sliding window lives in the mask transformers builds (it skips the mask only while every
+    key is inside the window); without one, a window narrower than the keys would be dropped."""
+    if window is not None and mask is None and keys > window:
+        raise NotImplementedError(
+            f"ropelens_stats attention: {type(module).__name__} has a sliding window of {window} "
+            f"but no attention mask came with {keys} keys"
+        )
+
+
+def _key_offset(position_ids: torch.Tensor | None, keys: int) -> int:
+    """Absolute position of key slot 0: the keys are the positions that end at the call's last
+    query, whose position is the one RoPE was given. A sliding-window cache holds only the
+    window's keys (offset > 0); where position_ids put the last query before slot keys - 1 (left
+    padding) or are absent, key slots are positions (offset 0)."""
+    if position_ids is None:
+        return 0
+    lo, hi = (int(x) for x in torch.aminmax(position_ids[..., -1].reshape(-1)))
+    if hi + 1 <= keys:
+        return 0
+    if lo != hi:
+        raise NotImplementedError(
+            "ropelens_stats attention: batch items at different positions over a cache that "
+            "holds only part of their keys"
+        )
+    return hi + 1 - keys
+
+
+def _plain_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kw):
+    """Outside record_attention: SDPA, or the model's own eager attention (its modeling file's
+    ``eager_attention_forward``) where the model does not support SDPA or asks for soft-capping."""
+    modeling = type(module).__module__
+    if kw.get("softcap") is None and _supports_sdpa(modeling):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout, scaling, is_causal, **kw
+        )
+    eager = getattr(sys.modules[modeling], "eager_attention_forward", None)
+    if eager is None:
+        raise NotImplementedError(
+            f"ropelens_stats attention: {type(module).__name__} needs its eager attention (no "
+            f"SDPA or soft-capping), and {modeling} has no eager_attention_forward"
+        )
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    Lq = query.shape[2]
+    if attention_mask is None and causal and 1 < Lq < key.shape[2]:
+        key, value = key[:, :, :Lq], value[:, :, :Lq]  # as SDPA: prefill into an empty static cache
+    if attention_mask is None or attention_mask.dtype == torch.bool:  # eager adds a float mask
+        attention_mask = _float_mask(attention_mask, query, key, causal)
+    return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw)
+
+
+@cache
+def _supports_sdpa(modeling: str) -> bool:
+    """Whether the models of a modeling file support SDPA (Gemma2's do not: soft-capping)."""
+    from transformers import PreTrainedModel
+
+    mod = sys.modules[modeling]
+    return all(
+        getattr(c, "_supports_sdpa", True)
+        for c in vars(mod).values()
+        if isinstance(c, type) and issubclass(c, PreTrainedModel) and c.__module__ == modeling
+    )
+
+
+def _float_mask(mask, query, key, causal: bool) -> torch.Tensor | None:
+    """Additive mask (0 or the dtype's minimum) from a boolean one, or from the causal pattern
+    (query i at key slot Lk - Lq + i) where transformers skipped the mask."""
+    if mask is None:
+        if not causal or query.shape[2] == 1:
+            return None
+        Lq, Lk = query.shape[2], key.shape[2]
+        q = torch.arange(Lk - Lq, Lk, device=query.device)
+        mask = (torch.arange(Lk, device=query.device) <= q[:, None])[None, None]
+    zero = torch.zeros((), dtype=query.dtype, device=query.device)
+    return torch.where(mask, zero, torch.finfo(query.dtype).min)
 
 
 def _visible_keys(Lq: int, Lk: int, first: int) -> int:

@@ -102,8 +102,10 @@ def rope_record(config, applied=None) -> dict:
     }
 
 
-def load(spec: dict, attn_implementation: str = "sdpa", device: str | None = None) -> Loaded:
-    """Load tokenizer + model for a cell spec (see ``ropelens.config.cell_spec``)."""
+def load(spec: dict, attn_implementation: str | None = None, device: str | None = None) -> Loaded:
+    """Load tokenizer + model for a cell spec (see ``ropelens.config.cell_spec``); by default
+    with the model's own attention (transformers' choice: SDPA where the model supports it, else
+    eager, e.g. Gemma2's soft-capped logits)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     runtime = spec.get("runtime", {})
