@@ -35,12 +35,12 @@ BASE = dict(
 )
 GQA = dict(num_key_value_heads=2)
 SLIDE2 = dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])
-MLA = dict(  # DeepSeek multi-head latent attention: rope part 8, nope part 8, value head 16
+MLA = dict(  # DeepSeek multi-head latent attention: rope part 8, nope part 8, value head 24
     q_lora_rank=32,
     kv_lora_rank=16,
     qk_rope_head_dim=8,
     qk_nope_head_dim=8,
-    v_head_dim=16,
+    v_head_dim=24,
     n_routed_experts=4,
     num_experts_per_tok=2,
     n_shared_experts=1,

@@ -518,7 +518,7 @@ def test_sliding_cache_positions_are_absolute(kernel):
     assert att._key_offset(torch.tensor([[3, 4, 5]]), 8) == 0
     assert att._key_offset(None, 8) == 0
     assert att._key_offset(torch.tensor([[40]]), 16) == 25
-    with pytest.raises(NotImplementedError, match="different positions"):
+    with pytest.raises(att.UnsupportedAttention, match="different positions"):
         att._key_offset(torch.tensor([[40], [41]]), 16)
 
 
@@ -532,10 +532,10 @@ def test_refuses_what_it_cannot_compute_exactly():
         ("position_bias", torch.zeros(1, 4, 10, 10)),
         ("cu_seq_lens_q", torch.tensor([0, 10])),
     ]:
-        with pytest.raises(NotImplementedError, match=f"Module asks for: argument '{name}'"):
+        with pytest.raises(att.UnsupportedAttention, match=f"Module asks for: argument '{name}'"):
             direct(q, k, v, spec, **{name: value})
     direct(q, k, v, spec, s_aux=None, use_cache=True, output_attentions=False)  # features off
-    with pytest.raises(NotImplementedError, match="sliding window of 4 but no attention mask"):
+    with pytest.raises(att.UnsupportedAttention, match="sliding window of 4 but no attention mask"):
         direct(q, k, v, spec, sliding_window=4)
 
 
@@ -569,6 +569,33 @@ def test_outside_block_eager_where_the_model_has_no_sdpa():
         short_ref = model(x[:, :6]).logits
     assert (got - ref).abs().max().item() < 1e-5
     assert (short - short_ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "config,match",
+    [
+        ("FalconConfig", "without transformers' attention interface"),  # its own attention code
+        ("DiffLlamaConfig", "more than once per layer"),  # two softmaxes per layer
+    ],
+)
+def test_refuses_layers_it_cannot_see_as_one_distribution(config, match):
+    """Every attention module's forward calls the attention function exactly once while
+    recording; otherwise one line names the module instead of a table that misses or mixes layers.
+    The hooks are gone afterwards: the model runs as before."""
+    import transformers
+
+    cfg = getattr(transformers, config)(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4,
+    )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    x = ids(1, 12)
+    with torch.no_grad():
+        before = model(x).logits
+        with pytest.raises(att.UnsupportedAttention, match=match), record_attention(model):
+            model(x)
+        assert torch.equal(model(x).logits, before)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
 def test_inference_only():

@@ -61,6 +61,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
+from ropelens.errors import RopelensError
+
 ATTN_IMPLEMENTATION = "ropelens_stats"
 BLOCK = 32  # key block width for the prefix sums (partial blocks are gathered)
 CPU_CHUNK_BYTES = 16 * 2**20  # CPU chunks' logits + probabilities: cache-sized is much faster
@@ -73,6 +75,10 @@ CPU_KERNEL = True  # CPU chunks reduce their rows with ropelens.rowstats (else t
 CPU_KERNEL_MIN_WORK = 2**28
 _rowstats = None  # ropelens.rowstats once loaded
 _work = 0  # statistics work of this process's CPU calls so far
+
+
+class UnsupportedAttention(RopelensError, NotImplementedError):
+    """What the statistics attention cannot compute exactly: one line naming the module and why."""
 
 
 @dataclass
@@ -99,6 +105,7 @@ class AttentionRecorder:
         self.calls = 0
         self.chunks = 0
         self.fast_queries = 0  # queries (per batch item) whose output came from fused SDPA
+        self.open: dict[int, int] = {}  # attention modules inside their forward: calls so far
 
     def _acc(self, layer: int, heads: int, device: torch.device) -> dict[str, torch.Tensor]:
         if layer not in self.layers:
@@ -188,8 +195,9 @@ def stats_attention_forward(
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
         raise RuntimeError("ropelens_stats attention is inference-only: run under torch.no_grad()")
     if dropout > 0:
-        raise NotImplementedError("ropelens_stats attention does not support dropout")
+        raise UnsupportedAttention("ropelens_stats attention does not support dropout")
     softcap = kwargs.get("softcap")
+    _count_call(rec, module)
     spec = rec.spec
     B, H, Lq, D = query.shape
     Hkv, Dv = key.shape[1], value.shape[-1]
@@ -389,7 +397,7 @@ def _check_kwargs(module: torch.nn.Module, kwargs: dict) -> None:
     for name, v in kwargs.items():
         if name in _HANDLED or name in _IGNORED or v is None or v is False:
             continue
-        raise NotImplementedError(
+        raise UnsupportedAttention(
             f"ropelens_stats attention cannot compute exactly what {type(module).__name__} asks "
             f"for: argument '{name}' is not supported"
         )
@@ -399,7 +407,7 @@ def _check_window(module, window: int | None, mask: torch.Tensor | None, keys: i
     """A sliding window lives in the mask transformers builds (it skips the mask only while every
     key is inside the window); without one, a window narrower than the keys would be dropped."""
     if window is not None and mask is None and keys > window:
-        raise NotImplementedError(
+        raise UnsupportedAttention(
             f"ropelens_stats attention: {type(module).__name__} has a sliding window of {window} "
             f"but no attention mask came with {keys} keys"
         )
@@ -416,7 +424,7 @@ def _key_offset(position_ids: torch.Tensor | None, keys: int) -> int:
     if hi + 1 <= keys:
         return 0
     if lo != hi:
-        raise NotImplementedError(
+        raise UnsupportedAttention(
             "ropelens_stats attention: batch items at different positions over a cache that "
             "holds only part of their keys"
         )
@@ -433,7 +441,7 @@ def _plain_attention(module, query, key, value, attention_mask, dropout, scaling
         )
     eager = getattr(sys.modules[modeling], "eager_attention_forward", None)
     if eager is None:
-        raise NotImplementedError(
+        raise UnsupportedAttention(
             f"ropelens_stats attention: {type(module).__name__} needs its eager attention (no "
             f"SDPA or soft-capping), and {modeling} has no eager_attention_forward"
         )
@@ -470,6 +478,42 @@ def _float_mask(mask, query, key, causal: bool) -> torch.Tensor | None:
         mask = (torch.arange(Lk, device=query.device) <= q[:, None])[None, None]
     zero = torch.zeros((), dtype=query.dtype, device=query.device)
     return torch.where(mask, zero, torch.finfo(query.dtype).min)
+
+
+def _count_call(rec: AttentionRecorder, module) -> None:
+    """One call of the attention function per forward of an attention module: a second one
+    (DiffLlama's two softmaxes over shared queries and keys) is not one attention distribution."""
+    calls = rec.open.get(id(module))
+    if calls is None:  # called outside a watched module's forward (the function used directly)
+        return
+    if calls:
+        raise UnsupportedAttention(
+            f"ropelens_stats attention: {type(module).__name__} calls the attention function "
+            "more than once per layer, so its attention is not one distribution per head"
+        )
+    rec.open[id(module)] = 1
+
+
+def _watch(model, rec: AttentionRecorder) -> list:
+    """Hooks on the model's attention modules (those with ``layer_idx`` and ``is_causal``, as
+    transformers' are): each forward must go through the attention function exactly once, else
+    the statistics would silently miss the layer (Falcon computes attention in its own code)."""
+
+    def enter(mod, args):
+        rec.open[id(mod)] = 0
+
+    def leave(mod, args, out):
+        if rec.open.pop(id(mod), None) == 0:
+            raise UnsupportedAttention(
+                f"ropelens_stats attention: {type(mod).__name__} computes its attention without "
+                "transformers' attention interface, so its statistics cannot be recorded"
+            )
+
+    handles = []
+    for mod in model.modules():
+        if hasattr(mod, "layer_idx") and hasattr(mod, "is_causal"):
+            handles += [mod.register_forward_pre_hook(enter), mod.register_forward_hook(leave)]
+    return handles
 
 
 def _visible_keys(Lq: int, Lk: int, first: int) -> int:
@@ -537,11 +581,14 @@ def record_attention(model, spec: StatsSpec | None = None):
 
     rec = AttentionRecorder(spec)
     set_impl(ATTN_IMPLEMENTATION)
+    handles = _watch(model, rec)
     _ACTIVE = rec
     try:
         yield rec
     finally:
         _ACTIVE = prev_rec
+        for h in handles:
+            h.remove()
         set_impl(prev_impl)
 
 
@@ -563,6 +610,7 @@ __all__ = [
     "ATTN_IMPLEMENTATION",
     "AttentionRecorder",
     "StatsSpec",
+    "UnsupportedAttention",
     "js_divergence",
     "record_attention",
     "stats_attention_forward",
