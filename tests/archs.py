@@ -129,6 +129,61 @@ ARCHS: list[Arch] = [
     ),
     Arch("deepseek-v2", "DeepseekV2Config", MLA, mla=True, rotary_dim=8),
     Arch("deepseek-v3", "DeepseekV3Config", MLA, mla=True, rotary_dim=8),
+    # beyond the issue's list: more of the installed transformers' RoPE decoders
+    Arch("starcoder2", "Starcoder2Config", {**GQA, "sliding_window": WINDOW}, sliding=True),
+    Arch("gemma", "GemmaConfig", {**GQA, "head_dim": 16}),
+    Arch("olmo", "OlmoConfig", {"clip_qkv": 8.0}),
+    Arch("olmo3", "Olmo3Config", {**GQA, **SLIDE2}, sliding=True, layer_type_rope=True),
+    Arch("cohere2", "Cohere2Config", {**GQA, **SLIDE2}, sliding=True),  # RoPE on sliding only
+    Arch("smollm3", "SmolLM3Config", {**GQA, "no_rope_layers": [1, 0]}),  # layer 1 without RoPE
+    Arch("exaone4", "Exaone4Config", {**GQA, **SLIDE2, "head_dim": 16}, sliding=True),
+    Arch(
+        "qwen3-moe",
+        "Qwen3MoeConfig",
+        {
+            **GQA,
+            "head_dim": 16,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+        },
+    ),
+    Arch(
+        "vaultgemma",
+        "VaultGemmaConfig",
+        {
+            **GQA,
+            **SLIDE2,
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,
+            "attn_logit_softcapping": 5.0,
+            "final_logit_softcapping": 30.0,
+        },
+        sliding=True,
+        softcap=True,
+    ),
+    Arch("helium", "HeliumConfig", {**GQA, "head_dim": 16}),
+    Arch(
+        "llama4",  # chunked attention on layer 0 (a chunk-sized cache), no RoPE on layer 1
+        "Llama4TextConfig",
+        {
+            **GQA,
+            "head_dim": 16,
+            "attention_chunk_size": WINDOW,
+            "use_qk_norm": False,
+            "num_local_experts": 2,
+            "intermediate_size_mlp": 128,
+            "no_rope_layers": [1, 0],
+        },
+    ),
+    Arch(
+        "cwm",
+        "CwmConfig",
+        {**GQA, **SLIDE2, "head_dim": 16, "rope_parameters": {"rope_theta": 1e4}},
+        sliding=True,
+    ),
+    Arch("olmoe", "OlmoeConfig", {"num_experts": 4, "num_experts_per_tok": 2}),
+    Arch("ernie4.5", "Ernie4_5Config", {**GQA, "head_dim": 16}),
     Arch(
         "gpt2",
         "GPT2Config",

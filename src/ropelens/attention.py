@@ -15,12 +15,14 @@ maxima and the prefix sums, once the process has done enough statistics work to 
 (CPU_KERNEL_MIN_WORK); before that, and on other devices, torch operations do (key-block sums plus
 gathered partial blocks).
 
-Positions are absolute: the keys of a call are the Lk positions that end at its last query, whose
-position is the one RoPE was given (``position_ids``), and query i sits at key slot Lk - Lq + i. So
-a sliding-window cache, which holds only the window's keys, is placed where its keys are: every
-answering query of a decoding step counts, and spans, position bins (k / keys so far) and
-``query_start`` mean the same on sliding and full layers. Where position_ids are absent or put the
-last query before slot Lk - 1 (left padding), positions are key slots (left padding included).
+Positions are absolute: the keys of a call are the Lk positions that end at its last query, and
+query i sits at key slot Lk - Lq + i. The first query's position is the number of tokens the layer's
+cache saw before the call (read by record_attention's hook on the attention module; without one,
+the position RoPE was given, ``position_ids``). So a sliding-window (or chunked) cache, which holds
+only the window's keys, is placed where its keys are: every answering query of a decoding step
+counts, and spans, position bins (k / keys so far) and ``query_start`` mean the same on sliding and
+full layers. Where neither is known, or they put the last query before slot Lk - 1 (left padding),
+positions are key slots (left padding included).
 Queries without any visible key (padding) are not counted. Keys after the query (non-causal masks)
 are in no distance bin. Inference only (no autograd through the output).
 
@@ -197,7 +199,7 @@ def stats_attention_forward(
     if dropout > 0:
         raise UnsupportedAttention("ropelens_stats attention does not support dropout")
     softcap = kwargs.get("softcap")
-    _count_call(rec, module)
+    past = _count_call(rec, module)  # tokens the layer's cache held before this call, if known
     spec = rec.spec
     B, H, Lq, D = query.shape
     Hkv, Dv = key.shape[1], value.shape[-1]
@@ -209,7 +211,12 @@ def stats_attention_forward(
     Lk = key.shape[2]
     _check_window(module, kwargs.get("sliding_window"), attention_mask, Lk)
     off = Lk - Lq  # key slot of query 0
-    koff = _key_offset(kwargs.get("position_ids"), Lk)  # absolute position of key slot 0
+    # absolute position of key slot 0: from the layer's cache where record_attention saw it, else
+    # from the positions RoPE was given
+    if past is not None:
+        koff = max(past + Lq - Lk, 0)
+    else:
+        koff = _key_offset(kwargs.get("position_ids"), Lk)
     dev, f32 = query.device, torch.float32
     fmin = torch.finfo(f32).min
     tf32 = _tf32_exact(query)  # TF32 matmuls on unscaled q, logits scaled after
@@ -480,30 +487,39 @@ def _float_mask(mask, query, key, causal: bool) -> torch.Tensor | None:
     return torch.where(mask, zero, torch.finfo(query.dtype).min)
 
 
-def _count_call(rec: AttentionRecorder, module) -> None:
+def _count_call(rec: AttentionRecorder, module) -> int | None:
     """One call of the attention function per forward of an attention module: a second one
-    (DiffLlama's two softmaxes over shared queries and keys) is not one attention distribution."""
-    calls = rec.open.get(id(module))
-    if calls is None:  # called outside a watched module's forward (the function used directly)
-        return
-    if calls:
+    (DiffLlama's two softmaxes over shared queries and keys) is not one attention distribution.
+    Returns the tokens the module's cache layer held before this forward (None: not known)."""
+    state = rec.open.get(id(module))
+    if state is None:  # called outside a watched module's forward (the function used directly)
+        return None
+    if state[0]:
         raise UnsupportedAttention(
             f"ropelens_stats attention: {type(module).__name__} calls the attention function "
             "more than once per layer, so its attention is not one distribution per head"
         )
-    rec.open[id(module)] = 1
+    state[0] = 1
+    return state[1]
 
 
 def _watch(model, rec: AttentionRecorder) -> list:
     """Hooks on the model's attention modules (those with ``layer_idx`` and ``is_causal``, as
     transformers' are): each forward must go through the attention function exactly once, else
-    the statistics would silently miss the layer (Falcon computes attention in its own code)."""
+    the statistics would silently miss the layer (Falcon computes attention in its own code).
+    Before each forward the hook also reads how many tokens the layer's cache has seen: the
+    absolute position of the call's first query, whatever the keys the cache keeps (a sliding or
+    chunked layer keeps only the window's) and whether the model passes ``position_ids`` on."""
 
-    def enter(mod, args):
-        rec.open[id(mod)] = 0
+    def enter(mod, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = None
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            past = int(cache.get_seq_length(mod.layer_idx))
+        rec.open[id(mod)] = [0, past]
 
     def leave(mod, args, out):
-        if rec.open.pop(id(mod), None) == 0:
+        if rec.open.pop(id(mod), [None])[0] == 0:
             raise UnsupportedAttention(
                 f"ropelens_stats attention: {type(mod).__name__} computes its attention without "
                 "transformers' attention interface, so its statistics cannot be recorded"
@@ -512,7 +528,8 @@ def _watch(model, rec: AttentionRecorder) -> list:
     handles = []
     for mod in model.modules():
         if hasattr(mod, "layer_idx") and hasattr(mod, "is_causal"):
-            handles += [mod.register_forward_pre_hook(enter), mod.register_forward_hook(leave)]
+            handles.append(mod.register_forward_pre_hook(enter, with_kwargs=True))
+            handles.append(mod.register_forward_hook(leave))
     return handles
 
 
