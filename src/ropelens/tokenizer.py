@@ -3,6 +3,11 @@
 Every UTF-8 byte is one token (ids 0..255 in GPT-2's byte-to-unicode order), followed by the special
 tokens. No merges: the token count of a text is its UTF-8 byte count, which makes lengths easy to
 reason about in the toy zoo. ``AutoTokenizer.from_pretrained(dir)`` loads it.
+
+Special ids come only from ``add_special_tokens`` or from ids a caller inserts itself (the zoo's
+packer appends ``eos_token_id``): a literal ``<s>``, ``</s>``, ``<unk>`` or ``<pad>`` in raw text
+(source files and docs mention them) encodes as its bytes, like any other text
+(``split_special_tokens=True``, saved in ``tokenizer_config.json``).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ def build_byte_tokenizer():
         pad_token="<pad>",
         add_bos_token=False,
         add_eos_token=False,
+        split_special_tokens=True,
     )
 
 
