@@ -42,6 +42,7 @@ def test_defaults_are_filled():
     assert cfg["depths"] == [0, 25, 50, 75, 100]
     assert cfg["runtime"] == {"device": "auto", "dtype": "auto", "threads": 1}
     assert cfg["corpora"]["c"]["split"] == "test"
+    assert rlconfig.cell_settings(cfg, "needle")["placement"] == "gkamradt"
 
 
 def test_repo_configs_are_valid():
@@ -77,6 +78,7 @@ def test_repo_configs_are_valid():
         (["corpora", "c"], {"path": "missing.jsonl"}, "corpora.c.path: 'missing.jsonl' does not"),
         (["methods", "pi", "checkpoints"], {"other": {"hub": "a/b"}}, "model 'other' is not in"),
         (["runtime"], {"device": "tpu"}, "runtime.device: 'tpu' is not allowed"),
+        (["needle"], {"placement": "middle"}, "needle.placement: 'middle' is not allowed"),
         (["modles"], {}, "additional properties are not allowed"),
     ],
 )

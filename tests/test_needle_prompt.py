@@ -50,7 +50,8 @@ def test_depth_0_is_the_start_and_100_the_end(tok):
 
 @pytest.mark.parametrize("depth", [5, 20, 40, 60, 80, 95])
 def test_needle_sits_on_a_sentence_or_line_boundary(tok, depth):
-    p = needle.build_prompt(tok, HAYSTACK, 400, depth, seed=3)
+    p = needle.build_prompt(tok, HAYSTACK, 400, depth, seed=3, placement="boundary")
+    assert p.placement == "boundary"
     start, _ = p.needle_span
     before = decode(tok, p.input_ids[:start])
     assert before == "" or before.endswith("\n") or before.rstrip(" ").endswith((".", "!", "?"))
@@ -62,9 +63,69 @@ def test_needle_sits_on_a_sentence_or_line_boundary(tok, depth):
     assert ("".join(d + "\n\n" for d in HAYSTACK) * 4).startswith(hay)
 
 
-def test_depths_are_ordered(tok):
+def _gkamradt_reference(tok, haystack, length, depth, seed):
+    """The prompt as gkamradt's ``insert_needle`` builds it, written after their loop: the context
+    trimmed by the needle, ``int(len * (depth / 100))``, back while the last token is not a period
+    token, depth 100 appended (ropelens' own prefix, separator and question around it)."""
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    answer = needle.make_answer(__import__("random").Random(seed))
+    sentence = needle.DEFAULT_TEMPLATE.needle.format(answer=answer)
+    question = enc(needle.DEFAULT_TEMPLATE.question)
+    context = enc("".join(d + "\n\n" for d in haystack) * 8)
+    context = context[: length - len(question) - len(enc(" " + sentence))]
+    if depth == 100:
+        return context + enc(" " + sentence) + question
+    insertion_point = int(len(context) * (depth / 100))
+    before = context[:insertion_point]
+    period_tokens = enc(".")
+    while before and before[-1] not in period_tokens:
+        insertion_point -= 1
+        before = context[:insertion_point]
+    text = " " + sentence if before else sentence + "\n"
+    if not before:  # ropelens' line-start separator: trim the context to the needle it uses
+        context = context[: length - len(question) - len(enc(text))]
+    return before + enc(text) + context[insertion_point:] + question
+
+
+@pytest.mark.parametrize("length", [120, 400, 1000])
+@pytest.mark.parametrize("depth", [0, 10, 25, 33.3, 50, 75, 99, 100])
+def test_gkamradt_placement_equals_their_insertion(tok, length, depth):
+    p = needle.build_prompt(tok, HAYSTACK, length, depth, seed=8, placement="gkamradt")
+    assert p.placement == "gkamradt" and p.depth == depth
+    assert p.input_ids == _gkamradt_reference(tok, HAYSTACK, length, depth, seed=8)
+    start, end = p.needle_span
+    assert tok.decode(p.input_ids[start:end]) == p.needle_text
+    assert depth == 100 or start == 0 or tok.decode(p.input_ids[start - 1 : start]) == "."
+    assert p.actual_depth <= depth + 1e-9
+
+
+def test_placements_differ_where_the_rules_do(tok):
+    # no '.' in the first lines: gkamradt goes back to the start, boundary stops at a line end
+    hay = ["Line one\nLine two! Line three?\n" * 3 + "End. " + "word " * 40]
+    g = needle.build_prompt(tok, hay, 200, 30, seed=1, placement="gkamradt")
+    b = needle.build_prompt(tok, hay, 200, 30, seed=1, placement="boundary")
+    assert g.needle_span[0] == 0 and g.actual_depth == 0.0
+    assert b.needle_span[0] > 0 and tok.decode(b.input_ids[: b.needle_span[0]]).endswith("\n")
+    assert g.answer == b.answer  # same seed, same answer: only the position differs
+    # a '.' inside a word is a period token for gkamradt (their rule), never a boundary
+    dotted = ["os.path.join(a, b) and os.path.split(c) return paths " * 6]
+    g = needle.build_prompt(tok, dotted, 200, 50, seed=1, placement="gkamradt")
+    b = needle.build_prompt(tok, dotted, 200, 50, seed=1, placement="boundary")
+    after = tok.decode(g.input_ids[g.needle_span[1] : g.needle_span[1] + 4])
+    assert after in ("path", "join", "spli")
+    assert b.needle_span[0] == 0
+
+
+def test_unknown_placement_is_one_line(tok):
+    with pytest.raises(DataError, match="placement 'middle' is unknown"):
+        needle.build_prompt(tok, HAYSTACK, 200, 50, seed=0, placement="middle")
+
+
+@pytest.mark.parametrize("placement", needle.PLACEMENTS)
+def test_depths_are_ordered(tok, placement):
     spans = [
-        needle.build_prompt(tok, HAYSTACK, 600, d, seed=5).needle_span[0] for d in range(0, 101, 10)
+        needle.build_prompt(tok, HAYSTACK, 600, d, seed=5, placement=placement).needle_span[0]
+        for d in range(0, 101, 10)
     ]
     assert spans == sorted(spans) and spans[0] == 0
 

@@ -60,10 +60,24 @@ def test_cell_matches_greedy_generate_and_eager_attention(loaded):
     assert rows["mean_entropy"][0] == pytest.approx(np.mean(rows["entropy"]), rel=1e-9)
 
 
+def test_cell_records_the_placement_rule(loaded):
+    for placement in needle.PLACEMENTS:
+        settings = {"seed": 3, "max_new_tokens": 1, "placement": placement}
+        rows = retrieval.run_cell(loaded.model, loaded.tokenizer, HAYSTACK, 120, 40, settings)
+        prompt = needle.build_prompt(
+            loaded.tokenizer, HAYSTACK, 120, 40, needle.cell_seed(120, 40, 3), placement=placement
+        )
+        assert set(rows["placement"]) == {placement}
+        assert (rows["needle_start"][0], rows["actual_depth"][0]) == (
+            prompt.needle_span[0],
+            prompt.actual_depth,
+        )
+
+
 def test_prompt_that_cannot_be_built_is_written_with_status(loaded):
     rows = retrieval.run_cell(loaded.model, loaded.tokenizer, HAYSTACK, 8, 50, {})
     assert rows["status"] == ["prompt_error"] and rows["passed"] == [False]
-    assert "too short" in rows["error"][0]
+    assert "too short" in rows["error"][0] and rows["placement"] == ["gkamradt"]
 
 
 def test_out_of_memory_is_written_with_status(loaded, monkeypatch):

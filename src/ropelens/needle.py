@@ -2,10 +2,19 @@
 
 A prompt is ``[special prefix] haystack[:k] needle haystack[k:] question`` with exactly ``length``
 tokens. The haystack is the given documents (joined by a blank line, repeated if too short) trimmed
-to fit; the needle sentence goes at ``depth`` percent of the haystack (0 = start, 100 = end), moved
-back to the nearest preceding sentence or line boundary so it never splits a sentence. The answer is
-a random number drawn from ``seed``; :func:`cell_seed` derives one seed per (length, depth) so every
-model and method sees the same prompt in the same grid cell.
+to fit; the needle sentence goes at ``depth`` percent of the haystack (0 = start, 100 = end) by one
+of two placement rules (:data:`PLACEMENTS`):
+
+- ``gkamradt`` (the default): the rule of gkamradt's LLMTest_NeedleInAHaystack
+  (``insert_needle``), which most published NIAH grids use: ``int(n · depth / 100)`` tokens into
+  the ``n`` haystack tokens, then back to just after the previous ``.`` token (0 if there is none);
+  depth 100 appends the needle at the end.
+- ``boundary``: ``round(depth / 100 · n)`` tokens in, then back to the nearest preceding sentence
+  end (``.``, ``!``, ``?`` followed by whitespace) or line end, so it never splits a word.
+
+Either rule moves the needle back from the requested depth; ``actual_depth`` records where it
+landed. The answer is a random number drawn from ``seed``; :func:`cell_seed` derives one seed per
+(length, depth) so every model and method sees the same prompt in the same grid cell.
 
     >>> from ropelens.tokenizer import build_byte_tokenizer
     >>> tok = build_byte_tokenizer()
@@ -29,6 +38,8 @@ from dataclasses import dataclass
 from ropelens.errors import DataError
 
 DOC_SEPARATOR = "\n\n"
+PLACEMENTS = ("gkamradt", "boundary")
+DEFAULT_PLACEMENT = "gkamradt"
 SENTENCE_END = (".", "!", "?")
 _SPACE_MARKS = ("Ġ", "▁", "Ċ", "ĉ")  # byte-level / sentencepiece spellings of leading whitespace
 
@@ -62,7 +73,8 @@ class NeedlePrompt:
     ``input_ids`` has exactly ``length`` tokens; ``needle_span`` is the token span [start, end) of
     the inserted needle text (with its separating whitespace); ``target_ids`` are the tokens of the
     expected continuation (``answer_prefix + answer``); ``depth`` is the requested depth and
-    ``actual_depth`` where the needle landed, both in percent of the haystack tokens.
+    ``actual_depth`` where the needle landed, both in percent of the haystack tokens;
+    ``placement`` the rule that placed it (:data:`PLACEMENTS`).
     """
 
     input_ids: list[int]
@@ -74,6 +86,7 @@ class NeedlePrompt:
     depth: float
     actual_depth: float
     seed: int
+    placement: str = DEFAULT_PLACEMENT
 
 
 @dataclass(frozen=True)
@@ -155,6 +168,40 @@ def _boundary(hay: list[int], target: int, pieces: _Pieces) -> int:
     return 0
 
 
+def period_ids(tokenizer) -> set[int]:
+    """The token ids of a ``.``: alone (gkamradt's ``encode('.')``) and after a word (``"a."``),
+    which differ for sentencepiece tokenizers (``▁.`` vs ``.``)."""
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return set(enc(".")) | set(enc("a.")[-1:])
+
+
+def gkamradt_point(hay: Sequence[int], depth: float, periods: set[int]) -> int:
+    """gkamradt's insertion point in ``hay`` for ``depth`` < 100 (``insert_needle``):
+    ``int(n * (depth / 100))``, then back while the token before it is not a period."""
+    k = int(len(hay) * (depth / 100))
+    while k > 0 and hay[k - 1] not in periods:
+        k -= 1
+    return k
+
+
+def _place(tokenizer, hay, depth, budget, reserve, needle, placement):
+    """(insertion point, needle text) under ``placement``; ``hay`` has >= budget + reserve tokens.
+
+    gkamradt: the haystack is the one left after the needle (``budget + reserve`` minus its own
+    tokens), as their tester trims the context by the needle length before inserting.
+    """
+    if depth >= 100:
+        return None, " " + needle  # at the very end, after the haystack is trimmed
+    if placement == "gkamradt":
+        n = budget + reserve - len(tokenizer(" " + needle, add_special_tokens=False)["input_ids"])
+        k = gkamradt_point(hay[:n], depth, period_ids(tokenizer))
+        return k, (needle + "\n" if k == 0 else " " + needle)
+    pieces = _Pieces(tokenizer)
+    k = _boundary(hay[:budget], round(depth / 100 * budget), pieces)
+    at_line_start = k == 0 or pieces(hay[k - 1])[1]
+    return k, (needle + "\n" if at_line_start else " " + needle)
+
+
 FORMATS = ("auto", "chat", "plain")
 _SLOT = "\x00ropelens-haystack\x00"
 
@@ -208,17 +255,21 @@ def build_prompt(
     seed: int,
     template: Template = DEFAULT_TEMPLATE,
     fmt: str = "plain",
+    placement: str = DEFAULT_PLACEMENT,
 ) -> NeedlePrompt:
     """Build a needle prompt of exactly ``length`` tokens (see the module docstring).
 
     ``haystack`` is a text or a sequence of documents (used in order, joined by a blank line and
     repeated if needed); ``depth`` is in percent (0 = start, 100 = right before the question);
     ``seed`` draws the answer; ``fmt`` is the prompt format (:func:`frame`: ``plain`` or
-    ``chat``; the needle span is exact token positions in either). Raises
-    :class:`~ropelens.errors.DataError` if ``length`` cannot hold the needle and the question.
+    ``chat``; the needle span is exact token positions in either); ``placement`` is one of
+    :data:`PLACEMENTS`. Raises :class:`~ropelens.errors.DataError` if ``length`` cannot hold the
+    needle and the question.
     """
     if not 0 <= depth <= 100:
         raise DataError(f"needle: depth {depth} is out of range; use 0..100 (percent)")
+    if placement not in PLACEMENTS:
+        raise DataError(f"needle: placement {placement!r} is unknown; use one of {PLACEMENTS}")
     if isinstance(haystack, str):
         haystack = [haystack]
     rng = random.Random(seed)
@@ -234,12 +285,8 @@ def build_prompt(
             f"needle: length {length} is too short for the needle and question; "
             f"use a length of at least {shortest} tokens"
         )
-    pieces = _Pieces(tokenizer)
     hay = _haystack_ids(tokenizer, haystack, budget + reserve)
-    # depth 100: at the very end, after the haystack is trimmed
-    k = None if depth >= 100 else _boundary(hay[:budget], round(depth / 100 * budget), pieces)
-    at_line_start = k == 0 or (k is not None and pieces(hay[k - 1])[1])
-    text = needle + "\n" if at_line_start else " " + needle
+    k, text = _place(tokenizer, hay, depth, budget, reserve, needle, placement)
     needle_ids = enc(text)
     n_hay = length - len(prefix) - len(question) - len(needle_ids)
     if k is None:
@@ -257,6 +304,7 @@ def build_prompt(
         depth=float(depth),
         actual_depth=100.0 * k / n_hay if n_hay else 100.0,
         seed=int(seed),
+        placement=placement,
     )
 
 

@@ -44,10 +44,13 @@ def run_cell(model, tokenizer, haystack, length: int, depth: float, settings: di
     template = needle.Template(**settings.get("template", {}))
     seed = needle.cell_seed(length, depth, settings.get("seed", 0))
     fmt = needle.resolve_format(tokenizer, settings.get("format", "auto"))
+    placement = settings.get("placement", needle.DEFAULT_PLACEMENT)
     try:
-        prompt = needle.build_prompt(tokenizer, haystack, length, depth, seed, template, fmt)
+        prompt = needle.build_prompt(
+            tokenizer, haystack, length, depth, seed, template, fmt, placement=placement
+        )
     except DataError as e:
-        return _failed_cell(length, depth, "prompt_error", str(e))
+        return _failed_cell(length, depth, "prompt_error", str(e), placement=placement)
     spec = StatsSpec(
         position_bins=settings.get("position_bins", 16),
         distance_bins=settings.get("distance_bins", 20),
@@ -62,7 +65,8 @@ def run_cell(model, tokenizer, haystack, length: int, depth: float, settings: di
         )
     except Exception as e:  # CUDA OOM is a RuntimeError subclass; CPU raises RuntimeError too
         if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
-            return _failed_cell(length, depth, "oom", str(e).strip().splitlines()[0], prompt)
+            error = str(e).strip().splitlines()[0]
+            return _failed_cell(length, depth, "oom", error, prompt, placement)
         raise
     text = tokenizer.decode(new)
     graded = needle.score(text, prompt.answer)
@@ -72,6 +76,7 @@ def run_cell(model, tokenizer, haystack, length: int, depth: float, settings: di
     return {
         "depth": [float(depth)] * n,
         "actual_depth": [prompt.actual_depth] * n,
+        "placement": [prompt.placement] * n,
         "prompt_tokens": [len(prompt.input_ids)] * n,
         "needle_start": [prompt.needle_span[0]] * n,
         "needle_end": [prompt.needle_span[1]] * n,
@@ -92,11 +97,12 @@ def run_cell(model, tokenizer, haystack, length: int, depth: float, settings: di
     }
 
 
-def _failed_cell(length, depth, status, error, prompt=None) -> dict:
+def _failed_cell(length, depth, status, error, prompt=None, placement=None) -> dict:
     """One row, no per-head statistics: the cell exists and says why it has no result."""
     return {
         "depth": [float(depth)],
         "actual_depth": [prompt.actual_depth if prompt else None],
+        "placement": [placement],
         "prompt_tokens": [len(prompt.input_ids) if prompt else None],
         "needle_start": [prompt.needle_span[0] if prompt else None],
         "needle_end": [prompt.needle_span[1] if prompt else None],

@@ -99,6 +99,7 @@ NEEDLE = pa.schema(
         pa.field("prompt_format", pa.string()),  # plain or chat (ropelens.needle.frame)
         pa.field("depth", pa.float64()),
         pa.field("actual_depth", pa.float64()),
+        pa.field("placement", pa.string()),  # the rule that placed the needle (needle.PLACEMENTS)
         pa.field("prompt_tokens", pa.int64()),
         pa.field("needle_start", pa.int64()),
         pa.field("needle_end", pa.int64()),
