@@ -53,18 +53,40 @@ rule attention_report:
             caption="../report/attention.rst",
             category="Attention",
         ),
+        distance_html=report(
+            expand("results/figures/attention_distance_{model}.html", model=MODELS),
+            caption="../report/attention_distance.rst",
+            category="Attention",
+        ),
+        distance_png=report(
+            expand("results/figures/attention_distance_{model}.png", model=MODELS),
+            caption="../report/attention_distance.rst",
+            category="Attention",
+        ),
+        js_html=report(
+            expand("results/figures/attention_js_{model}.html", model=MODELS),
+            caption="../report/attention_js.rst",
+            category="Attention",
+        ),
+        js_png=report(
+            expand("results/figures/attention_js_{model}.png", model=MODELS),
+            caption="../report/attention_js.rst",
+            category="Attention",
+        ),
     log:
         "logs/report/attention.log",
     conda:
         "../envs/ropelens.yaml"
     params:
-        reference=config["attention"]["reference"],
+        reference=q(config["attention"]["reference"]),
         models=MODELS,
         plot_lengths=q(config["attention"].get("plot_lengths")),
     shell:
         "python -m ropelens aggregate-attention {input} --prefix results/tables/attention_js"
-        " --reference {params.reference} --models {params.models} --html {output.html}"
-        " --png {output.png} --plot-lengths {params.plot_lengths:q} 2> {log}"
+        " --reference {params.reference:q} --models {params.models} --html {output.html}"
+        " --png {output.png} --distance-html {output.distance_html}"
+        " --distance-png {output.distance_png} --js-html {output.js_html}"
+        " --js-png {output.js_png} --plot-lengths {params.plot_lengths:q} 2> {log}"
 
 
 rule sinks_report:
@@ -151,6 +173,23 @@ rule needle_report:
             caption="../report/needle.rst",
             category="Needle in a Haystack",
         ),
+        strata="results/tables/needle_entropy_strata.parquet",
+        strata_csv="results/tables/needle_entropy_strata.csv",
+        strata_md=report(
+            "results/tables/needle_entropy_strata.md",
+            caption="../report/needle_table.rst",
+            category="Needle in a Haystack",
+        ),
+        strata_html=report(
+            expand("results/figures/needle_entropy_strata_{model}.html", model=MODELS),
+            caption="../report/needle_table.rst",
+            category="Needle in a Haystack",
+        ),
+        strata_png=report(
+            expand("results/figures/needle_entropy_strata_{model}.png", model=MODELS),
+            caption="../report/needle_table.rst",
+            category="Needle in a Haystack",
+        ),
     log:
         "logs/report/needle.log",
     conda:
@@ -159,4 +198,5 @@ rule needle_report:
         models=MODELS,
     shell:
         "python -m ropelens aggregate-needle {input} --prefix results/tables/needle"
-        " --models {params.models} --html {output.html} --png {output.png} 2> {log}"
+        " --models {params.models} --html {output.html} --png {output.png}"
+        " --strata-html {output.strata_html} --strata-png {output.strata_png} 2> {log}"

@@ -79,6 +79,12 @@ def test_repo_configs_are_valid():
         (["methods", "pi", "checkpoints"], {"other": {"hub": "a/b"}}, "model 'other' is not in"),
         (["runtime"], {"device": "tpu"}, "runtime.device: 'tpu' is not allowed"),
         (["needle"], {"placement": "middle"}, "needle.placement: 'middle' is not allowed"),
+        (["attention"], {"reference": "nope"}, "attention.reference: method 'nope' is not in"),
+        (["attention"], {"reference": {"model": "x"}}, "attention.reference.model: 'x' is not in"),
+        (["attention"], {"reference": {"length": 99}}, "attention.reference.length: 99 is not in"),
+        (["attention"], {"reference": {"length": "long"}}, "attention.reference.length: 'long'"),
+        (["attention"], {"reference": {"metod": "rope"}}, "attention.reference: give a method"),
+        (["attention"], {"reference": []}, "attention.reference: empty list"),
         (["modles"], {}, "additional properties are not allowed"),
     ],
 )
@@ -128,3 +134,13 @@ def test_pairs_and_cell_spec(tmp_path):
     assert spec["registry"] == "pi" and spec["params"] == {"factor": 8}
     assert spec["checkpoint"] and spec["cpt_length"] == 32768
     assert rlconfig.cell_spec(cfg, "m", "rope")["source"] == {"path": "resources/models/m"}
+
+
+def test_attention_cells_include_the_references():
+    cfg = copy.deepcopy(BASE)
+    cfg["models"]["n"] = {"tiny": {"hidden_size": 16}, "pretrained_length": 128}
+    cfg["lengths"] = [32, 64, 128]
+    cfg["attention"] = {"lengths": [64], "reference": ["rope", {"model": "n", "length": "same"}]}
+    cells = rlconfig.attention_cells(rlconfig.prepare(cfg))
+    assert ("m", "rope", 64) in cells and ("n", "rope", 128) in cells  # each at its pretrained
+    assert ("m", "pi", 32) not in cells and len(cells) == len(set(cells)) == 5

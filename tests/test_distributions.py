@@ -61,12 +61,13 @@ def test_measure_matches_eager_attention(model, tiny_model_dir):
         assert sum(r.pos_mass) == pytest.approx(1.0, abs=1e-5)
 
 
-def fake_cell(tmp_path, method, length, pos_by_layer, entropy=1.0):
+def fake_cell(tmp_path, method, length, pos_by_layer, entropy=1.0, dist_by_layer=None, model="m"):
     rows = {name: [] for name in schemas.ATTENTION.names}
     for layer, heads in enumerate(pos_by_layer):
         for head, pos in enumerate(heads):
+            dist = dist_by_layer[layer][head] if dist_by_layer else pos[::-1]
             for k, v in dict(
-                model="m",
+                model=model,
                 method=method,
                 length=length,
                 rope_type="default",
@@ -81,12 +82,12 @@ def fake_cell(tmp_path, method, length, pos_by_layer, entropy=1.0):
                 entropy_mean=entropy,
                 entropy_last=entropy,
                 pos_mass=pos,
-                dist_mass=[1.0],
+                dist_mass=dist,
                 sink_tokens=4,
                 sink_mass=pos[0] / 2 + 0.1 * head,
             ).items():
                 rows[k].append(v)
-    path = tmp_path / f"{method}-{length}.parquet"
+    path = tmp_path / f"{model}-{method}-{length}.parquet"
     write_cell(rows, schemas.ATTENTION, path)
     return path
 
@@ -98,36 +99,146 @@ def js_by_hand(p, q):
     return 0.5 * kl(p, m) + 0.5 * kl(q, m)
 
 
+def test_js_divergence():
+    js = distributions.js_divergence
+    p = [0.2, 0.3, 0.5]
+    assert js(p, p) == pytest.approx(0.0, abs=1e-12)
+    assert js([1, 0], [0, 1]) == pytest.approx(math.log(2))
+    assert js([2, 2, 0, 0], [0, 0, 5, 5]) == pytest.approx(math.log(2))
+    q = [0.1, 0.6, 0.3]
+    assert js(p, q) == pytest.approx(js_by_hand(p, q), rel=1e-12)
+    assert js(q, p) == pytest.approx(js(p, q), rel=1e-12)
+    assert js([1, 1, 0], [2, 2, 0]) == pytest.approx(0.0, abs=1e-12)  # scale-free
+
+
+REF = [[[0.7, 0.1, 0.1, 0.1], [0.5, 0.2, 0.2, 0.1]], [[0.25] * 4, [0.4, 0.3, 0.2, 0.1]]]
+OTHER = [[[0.1, 0.1, 0.1, 0.7], [0.2, 0.2, 0.3, 0.3]], [[0.25] * 4, [0.4, 0.3, 0.2, 0.1]]]
+
+
+def _js_frame(cells, reference="rope", model="m"):
+    df = distributions.js_table(cells, reference).to_pandas()
+    df = df[df["model"] == model]
+    return df.set_index(["coordinates", "reference", "method", "length", "layer"]).sort_index()
+
+
 def test_js_table_against_hand_computation(tmp_path):
-    ref = [[[0.7, 0.1, 0.1, 0.1], [0.5, 0.2, 0.2, 0.1]], [[0.25] * 4, [0.4, 0.3, 0.2, 0.1]]]
-    other = [[[0.1, 0.1, 0.1, 0.7], [0.2, 0.2, 0.3, 0.3]], [[0.25] * 4, [0.4, 0.3, 0.2, 0.1]]]
     cells = [
-        fake_cell(tmp_path, "rope", 64, ref, entropy=1.0),
-        fake_cell(tmp_path, "rope", 128, other, entropy=2.0),
-        fake_cell(tmp_path, "pi", 128, ref, entropy=3.0),
+        fake_cell(tmp_path, "rope", 64, REF, entropy=1.0),
+        fake_cell(tmp_path, "rope", 128, OTHER, entropy=2.0),
+        fake_cell(tmp_path, "pi", 128, REF, entropy=3.0),
     ]
-    df = distributions.js_table(cells, "rope").to_pandas().set_index(["method", "length", "layer"])
-    assert df.loc[("rope", 64, "0"), "js_divergence"] == pytest.approx(0.0, abs=1e-12)
-    assert df.loc[("pi", 128, "mean"), "js_divergence"] == pytest.approx(0.0, abs=1e-12)
-    layer_js = []
+    df = _js_frame(cells).loc["position", "rope at the pretrained length"]
+    assert df.loc[("rope", 64, "0"), "js_head_averaged"] == pytest.approx(0.0, abs=1e-12)
+    assert df.loc[("pi", 128, "mean"), "js_per_head"] == pytest.approx(0.0, abs=1e-12)
+    averaged, per_head = [], []
     for layer in range(2):
-        p = np.mean(other[layer], axis=0)  # head-averaged distributions
-        q = np.mean(ref[layer], axis=0)
-        layer_js.append(js_by_hand(p, q))
-        got = df.loc[("rope", 128, str(layer)), "js_divergence"]
-        assert got == pytest.approx(layer_js[-1], rel=1e-9)
-    assert df.loc[("rope", 128, "mean"), "js_divergence"] == pytest.approx(np.mean(layer_js))
-    assert df.loc[("rope", 128, "mean"), "entropy_mean"] == 2.0
-    assert set(df["reference_length"]) == {64}
-    assert 0 < layer_js[0] <= math.log(2)
+        p = np.mean(OTHER[layer], axis=0)  # head-averaged distributions
+        q = np.mean(REF[layer], axis=0)
+        averaged.append(js_by_hand(p, q))
+        per_head.append(np.mean([js_by_hand(a, b) for a, b in zip(OTHER[layer], REF[layer])]))
+        row = df.loc[("rope", 128, str(layer))]
+        assert row["js_head_averaged"] == pytest.approx(averaged[-1], rel=1e-9)
+        assert row["js_per_head"] == pytest.approx(per_head[-1], rel=1e-9)
+        assert row["js_per_head"] >= row["js_head_averaged"]  # convexity of JS
+    mean = df.loc[("rope", 128, "mean")]
+    assert mean["js_head_averaged"] == pytest.approx(np.mean(averaged))
+    assert mean["js_per_head"] == pytest.approx(np.mean(per_head))
+    assert mean["entropy_mean"] == 2.0
+    assert set(df["reference_length"]) == {64} and set(df["reference_method"]) == {"rope"}
+    assert 0 < averaged[0] < per_head[0] <= math.log(2)
+    # the distance coordinates read dist_mass (here each head's pos_mass reversed)
+    dist = _js_frame(cells).loc[("distance", "rope at the pretrained length", "rope", 128, "0")]
+    rev = lambda m: [h[::-1] for h in m]  # noqa: E731
+    want = js_by_hand(np.mean(rev(OTHER[0]), axis=0), np.mean(rev(REF[0]), axis=0))
+    assert dist["js_head_averaged"] == pytest.approx(want, rel=1e-9)
+
+
+def _binned(weights, position_bins, distance_bins):
+    """Mass per k/L bin and per log2 distance bin of the last query (the definitions of
+    docs/results.md, by a plain loop over keys)."""
+    n = len(weights)
+    q = n - 1
+    pos, dist = np.zeros(position_bins), np.zeros(distance_bins)
+    for k, w in enumerate(weights):
+        pos[k * position_bins // n] += w
+        d = q - k
+        dist[min(0 if d == 0 else int(math.floor(math.log2(d))) + 1, distance_bins - 1)] += w
+    return pos.tolist(), dist.tolist()
+
+
+def test_pure_position_rescaling_is_zero_in_k_over_l_and_not_in_distance(tmp_path):
+    """A pattern learnt at L and stretched to 4L (what PI does): the same mass per k/L bin, so zero
+    divergence in k/L; the same keys sit 4x farther from the query, so not in q - k."""
+    shape = np.array([0.40, 0.05, 0.05, 0.10, 0.05, 0.05, 0.10, 0.20])  # per k/L eighth
+    cells = []
+    for length in (64, 256):
+        w = np.repeat(shape, length // 8) / (length // 8)  # attention of the last query
+        pos, dist = _binned(w / w.sum(), 8, 12)
+        cells.append(
+            fake_cell(tmp_path, "rope" if length == 64 else "pi", length, [[pos]], 1.0, [[dist]])
+        )
+    df = _js_frame(cells).loc[(slice(None), "rope at the pretrained length", "pi", 256, "mean"), :]
+    by = df.reset_index().set_index("coordinates")
+    assert by.loc["position", "js_head_averaged"] == pytest.approx(0.0, abs=1e-12)
+    assert by.loc["distance", "js_head_averaged"] > 0.05
+    assert by.loc["distance", "js_head_averaged"] <= math.log(2)
+
+
+def test_reference_at_the_same_length_and_on_another_model(tmp_path):
+    cells = [
+        fake_cell(tmp_path, "rope", 64, REF),
+        fake_cell(tmp_path, "rope", 128, OTHER),
+        fake_cell(tmp_path, "pi", 128, REF),
+        fake_cell(tmp_path, "rope", 128, REF, model="native"),
+    ]
+    refs = [{"length": "same"}, {"model": "native", "length": "same"}]
+    df = _js_frame(cells, refs).loc["position"]
+    same = df.loc["rope at the same length"]
+    assert same.loc[("rope", 128, "mean"), "js_head_averaged"] == pytest.approx(0.0, abs=1e-12)
+    pi = same.loc[("pi", 128, "0")]
+    want = js_by_hand(np.mean(REF[0], axis=0), np.mean(OTHER[0], axis=0))
+    assert pi["js_head_averaged"] == pytest.approx(want, rel=1e-9)
+    assert (pi["reference_model"], pi["reference_length"]) == ("m", 128)
+    native = df.loc["native/rope at the same length"]
+    assert native.loc[("pi", 128, "mean"), "js_head_averaged"] == pytest.approx(0.0, abs=1e-12)
+    assert native.loc[("rope", 128, "0"), "reference_model"] == "native"
+    # no native cell at 64: that row has no value rather than a wrong one
+    assert math.isnan(native.loc[("rope", 64, "mean"), "js_head_averaged"])
+
+
+def test_js_markdown_names_coordinates_reference_and_unit(tmp_path):
+    cells = [fake_cell(tmp_path, "rope", 64, REF), fake_cell(tmp_path, "pi", 128, OTHER)]
+    text = distributions.js_markdown(distributions.js_table(cells))
+    assert "JS divergence over normalised key position k/L (nats, 0 … ln 2 = 0.693)" in text
+    assert "over log2 query–key distance q − k" in text
+    assert "reference: rope at the pretrained length" in text
+    assert "| method | 64 (pt) avg | 64 (pt) per-head | 128 avg | 128 per-head |" in text
 
 
 def test_js_table_without_reference_is_one_line_error(tmp_path):
     from ropelens.errors import DataError
 
     cells = [fake_cell(tmp_path, "pi", 128, [[[0.25] * 4]])]
-    with pytest.raises(DataError, match="lack the reference 'rope' at the pretrained length"):
+    with pytest.raises(DataError, match="lack the reference rope at the pretrained length"):
         distributions.js_table(cells, "rope")
+
+
+@pytest.mark.parametrize(
+    "setting,expect",
+    [
+        ("pi", [{"method": "pi", "model": None, "length": "pretrained"}]),
+        ({"length": "same"}, [{"method": "rope", "model": None, "length": "same"}]),
+        (
+            ["rope", {"model": "n", "length": 512}],
+            [
+                {"method": "rope", "model": None, "length": "pretrained"},
+                {"method": "rope", "model": "n", "length": 512},
+            ],
+        ),
+    ],
+)
+def test_references(setting, expect):
+    assert distributions.references(setting) == expect
 
 
 def test_query_window():

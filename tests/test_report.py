@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ropelens import charts, report, schemas, tables
+from ropelens import charts, distributions, report, schemas, tables
 from ropelens.cli import build_parser, main
 from ropelens.io import write_table
 
@@ -113,18 +113,21 @@ def _attention_df():
     return pd.DataFrame(rows)
 
 
-def _js_table(layers: bool):
+def _js_table():
     rows = []
     for method in ("rope", "pi"):
         for length in (32, 64):
-            for layer in ["0", "1"] if layers else ["mean"]:
-                js = 0.0 if (method, length) == ("rope", 32) else 0.0123
-                rows.append(
-                    dict(model="m", method=method, length=length)
-                    | {k: v[0] for k, v in _method_info(1, method).items()}
-                    | dict(layer=layer, reference_method="rope", reference_length=32)
-                    | dict(js_divergence=js, entropy_mean=1.5)
-                )
+            for coords in ("position", "distance"):
+                for layer in ["0", "1", "mean"]:
+                    js = 0.0 if (method, length) == ("rope", 32) else 0.0123
+                    rows.append(
+                        dict(model="m", method=method, length=length)
+                        | {k: v[0] for k, v in _method_info(1, method).items()}
+                        | dict(layer=layer, coordinates=coords)
+                        | dict(reference="rope at the pretrained length", reference_model="m")
+                        | dict(reference_method="rope", reference_length=32)
+                        | dict(js_head_averaged=js, js_per_head=2 * js, entropy_mean=1.5)
+                    )
     return pa.Table.from_pylist(rows, schema=schemas.ATTENTION_JS)
 
 
@@ -159,8 +162,7 @@ def aggregates(tmp_path_factory):
     charts.save(charts.ppl_chart(ppl), f / "ppl.html", f / "ppl.png")
     # the attention chart gets no PNG here: a chart with only its spec
     charts.save(charts.attention_chart(_attention_df(), "m", [32, 64]), f / "attention_m.html")
-    tables.write_outputs(_js_table(False), t / "attention_js", "js_divergence", "{:.4f}")
-    write_table(_js_table(True), t / "attention_js_layers.parquet")
+    distributions.write_js_outputs(_js_table(), t / "attention_js")
     needle = pa.table(
         dict(model=["m"] * 2, method=["rope", "pi"], length=[64, 64], pretrained_length=[32, 32])
         | dict(accuracy=[0.25, 0.75], mean_entropy=[3.5, 2.0])
@@ -253,7 +255,10 @@ def test_tables_and_captions_rendered(aggregates):
     caption = (REPO / "report/ppl.rst").read_text().split()[:6]
     assert " ".join(caption) in ppl, "ppl.rst caption missing"
     js = section(page, "attention_js")
-    assert "<td>0.0123</td>" in js and "attention_js_layers.parquet" in js
+    assert "<td>0.0123</td>" in js and "<td>0.0246</td>" in js  # heads averaged, per head
+    assert "attention_js_layers.parquet" in js
+    assert "normalised key position k/L (nats, 0 … ln 2 = 0.693); reference: rope at the" in js
+    assert "log2 query–key distance q − k" in js
     assert '<div class="table detail" data-table="attention_js_layers">' in js
     assert "<code>attention_js_layers.parquet</code>" in section(page, "attention_js")
     needle = section(page, "needle")

@@ -135,6 +135,11 @@ def test_summary_table():
     assert pi["entropy_passed"] == pytest.approx(2.0)
     assert pi["entropy_failed"] == pytest.approx(4.0)
     assert pi["auroc_entropy_failure"] == 1.0
+    # failures only beyond 256 (and not at depth 100): within 1024 and 4096 entropy separates
+    assert pi["auroc_within_length"] == 1.0
+    assert pi["auroc_length_failure"] == pytest.approx(
+        retrieval.auroc([256] * 3 + [1024] * 3 + [4096] * 3, [False] * 3 + [True, True, False] * 2)
+    )
     pooled = df.loc[("m", "(all methods)")]
     assert pooled["cells"] == 27 and pooled["failed_status"] == 1
     assert df.loc[("m", "pi-2k"), "failed_status"] == 1
@@ -148,3 +153,60 @@ def test_cpt_table():
     assert df.loc[2048, "pass_rate_beyond"] == pytest.approx(1 / 3)
     assert df.loc[1024, "methods"] == "pi-1k"
     assert df.loc[0, "pass_rate"] == pytest.approx(5 / 9)
+
+
+def test_auroc_within_counts_only_pairs_of_a_stratum():
+    rng = np.random.default_rng(1)
+    scores = rng.integers(0, 4, 60).astype(float)
+    labels = rng.random(60) < 0.5
+    strata = rng.integers(0, 3, 60)
+    pairs = [
+        1.0 if scores[i] > scores[j] else 0.5 if scores[i] == scores[j] else 0.0
+        for i in range(60)
+        for j in range(60)
+        if labels[i] and not labels[j] and strata[i] == strata[j]
+    ]
+    assert retrieval.auroc_within(scores, labels, strata) == pytest.approx(np.mean(pairs))
+    assert math.isnan(retrieval.auroc_within([1, 2], [True, False], [0, 1]))
+
+
+def confounded_frame(entropy_tracks_failure: bool):
+    """Failures grow with length; entropy follows length only, or also failure within a length."""
+    rows = []
+    for length, fails in ((256, 1), (1024, 3), (4096, 5)):
+        for i in range(6):
+            failed = i < fails
+            entropy = length / 1000 + (0.5 if failed and entropy_tracks_failure else 0.0)
+            rows.append(
+                dict(model="m", method="pi", length=length, depth=float(i), status="ok")
+                | dict(passed=not failed, score=0.0 if failed else 1.0, mean_entropy=entropy)
+            )
+    return pd.DataFrame(rows)
+
+
+def test_summary_table_separates_entropy_from_length():
+    only_length = retrieval.summary_table(confounded_frame(False)).set_index("method")
+    row = only_length.loc["(all methods)"]
+    assert row["auroc_entropy_failure"] == pytest.approx(row["auroc_length_failure"])
+    assert row["auroc_length_failure"] > 0.75  # length alone predicts failure ...
+    assert row["auroc_within_length"] == 0.5  # ... and entropy adds nothing beyond it
+    both = retrieval.summary_table(confounded_frame(True)).set_index("method")
+    assert both.loc["(all methods)", "auroc_within_length"] == 1.0
+    assert both.loc["(all methods)", "auroc_length_failure"] == row["auroc_length_failure"]
+
+
+def test_strata_table():
+    df = retrieval.strata_table(confounded_frame(True))
+    pooled = df[df["method"] == "(all methods)"].set_index("length")
+    assert list(pooled.index) == [256, 1024, 4096]
+    assert list(pooled["failures"]) == [1, 3, 5] and (pooled["cells"] == 6).all()
+    assert (pooled["auroc_entropy_failure"] == 1.0).all()
+    assert len(df[df["method"] == "pi"]) == 3  # every length has both classes
+    # a stratum with one class gets no per-method row, and its pooled AUROC is undefined
+    frame = cells_frame()
+    df = retrieval.strata_table(frame)
+    all_pass = df[(df["method"] == "(all methods)") & (df["length"] == 256)]
+    assert all_pass["failures"].iloc[0] == 0 and math.isnan(
+        all_pass["auroc_entropy_failure"].iloc[0]
+    )
+    assert df[(df["method"] != "(all methods)") & (df["length"] == 256)].empty

@@ -75,10 +75,17 @@ def test_attention_cells_and_aggregates(micro_run):
     assert t.schema.names == schemas.ATTENTION.names
     assert t.num_rows == 1 * 2  # layers x heads of the micro model
     js = pq.read_table(workdir / "results/tables/attention_js.parquet").to_pandas()
-    assert len(js) == 4 and set(js["layer"]) == {"mean"}
+    assert len(js) == 4 * 2 and set(js["layer"]) == {"mean"}  # cells x coordinate systems
+    assert set(js["coordinates"]) == {"position", "distance"}
     ref = js[(js["method"] == "rope") & (js["length"] == 64)]
-    assert float(ref["js_divergence"].iloc[0]) == pytest.approx(0.0, abs=1e-12)
-    for name in ("tables/attention_js.md", "figures/attention_micro.png"):
+    assert (ref[["js_head_averaged", "js_per_head"]].to_numpy() == 0).all()
+    assert set(js["reference"]) == {"rope at the pretrained length"}
+    for name in (
+        "tables/attention_js.md",
+        "figures/attention_micro.png",
+        "figures/attention_distance_micro.png",
+        "figures/attention_js_micro.png",
+    ):
         assert (workdir / "results" / name).stat().st_size > 0
     sinks = pq.read_table(workdir / "results/tables/sinks_layers.parquet").to_pandas()
     assert len(sinks) == 4 * 2 and sinks["sink_mass"].between(0, 1).all()  # 4 cells x (1 + mean)

@@ -609,26 +609,11 @@ def record_attention(model, spec: StatsSpec | None = None):
         set_impl(prev_impl)
 
 
-def js_divergence(p, q) -> float:
-    """Jensen-Shannon divergence (nats) of two non-negative vectors, each normalised to sum 1."""
-    p = np.asarray(p, dtype=np.float64)
-    q = np.asarray(q, dtype=np.float64)
-    p, q = p / p.sum(), q / q.sum()
-    m = 0.5 * (p + q)
-
-    def kl(a):
-        nz = a > 0
-        return float(np.sum(a[nz] * np.log(a[nz] / m[nz])))
-
-    return max(0.0, 0.5 * kl(p) + 0.5 * kl(q))
-
-
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "AttentionRecorder",
     "StatsSpec",
     "UnsupportedAttention",
-    "js_divergence",
     "record_attention",
     "stats_attention_forward",
 ]

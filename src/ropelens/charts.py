@@ -74,8 +74,10 @@ def save(chart, html: str | Path, png: str | Path | None = None, scale: float = 
         tmp.replace(png)
 
 
-def attention_chart(df, model: str, lengths: list[int]):
-    """Fig. 2/3: attention mass vs normalised key position, a panel per (method, length).
+def attention_chart(df, model: str, lengths: list[int], coordinates: str = "position"):
+    """Fig. 2/3: attention mass per bin, a panel per (method, length), over normalised key
+    position k/L (``coordinates="position"``) or log2 query–key distance q − k (``"distance"``;
+    bins a length cannot reach are left out).
 
     Each (layer, head) is a faint line (each layer's head mean when a cell has more than
     ``MAX_FAINT_LINES`` heads in all); the mean over layers, heads and documents is bold red.
@@ -83,21 +85,35 @@ def attention_chart(df, model: str, lengths: list[int]):
     import altair as alt
     import pandas as pd
 
+    column = "pos_mass" if coordinates == "position" else "dist_mass"
     sub = df[(df["model"] == model) & (df["length"].isin(lengths))]
     per_cell = sub.groupby(["method", "length"]).size().max() if len(sub) else 0
     by_layer = per_cell > MAX_FAINT_LINES  # 7B-sized models: one faint line per layer
     rows = []
     for r in sub.itertuples():
-        n = len(r.pos_mass)
+        masses = getattr(r, column)
+        n = len(masses)
         series = f"layer {r.layer}" if by_layer else f"{r.layer}/{r.head}"
-        for b, mass in enumerate(r.pos_mass):
-            rows.append((r.method, r.length, series, (b + 0.5) / n, mass))
+        for b, mass in enumerate(masses):
+            if coordinates == "position":
+                rows.append((r.method, r.length, series, (b + 0.5) / n, mass))
+            elif b == 0 or 2 ** (b - 1) <= r.length - 1:
+                rows.append((r.method, r.length, series, b, mass))
     heads = pd.DataFrame(rows, columns=["method", "length", "series", "position", "mass"])
     heads = heads.groupby(["method", "length", "series", "position"], as_index=False)["mass"].mean()
     mean = heads.groupby(["method", "length", "position"], as_index=False)["mass"].mean()
     data = pd.concat([heads.assign(kind="head"), mean.assign(kind="mean", series="mean")])
     data["mass"] = data["mass"].clip(lower=1e-6)
-    x = alt.X("position:Q", title="key position / length", scale=alt.Scale(domain=[0, 1]))
+    if coordinates == "position":
+        x = alt.X("position:Q", title="key position / length (k/L)", scale=alt.Scale(domain=[0, 1]))
+        what = "over normalised key position k/L"
+    else:
+        x = alt.X(
+            "position:Q",
+            title="bin i of d = q − k: 2^(i−1) ≤ d < 2^i",
+            axis=alt.Axis(tickMinStep=1),
+        )
+        what = "over log2 query–key distance q − k"
     y = alt.Y("mass:Q", title="attention mass per bin", scale=alt.Scale(type="log"))
     base = alt.Chart().encode(x=x, y=y, detail="series:N")
     faint = base.mark_line(opacity=0.2, strokeWidth=0.8, color="#4c78a8").transform_filter(
@@ -114,9 +130,50 @@ def attention_chart(df, model: str, lengths: list[int]):
         .properties(width=200, height=140)
         .facet(row=alt.Row("method:N", title=None), column=alt.Column("length:O", title="length"))
         .properties(
-            title=f"{model}: attention distribution (red: mean over layers, heads, documents)"
+            title=f"{model}: attention distribution {what} "
+            "(red: mean over layers, heads, documents)"
         )
     )
+
+
+def js_chart(js, model: str):
+    """JS divergence (mean over layers) vs context length: a panel per coordinate system (and per
+    reference), a line per method; solid = heads averaged first, dashed = mean of per-head JS."""
+    import altair as alt
+    import pandas as pd
+
+    from ropelens.distributions import COORDINATE_NAMES
+
+    sub = js[(js["model"] == model) & (js["layer"] == "mean")]
+    data = pd.concat(
+        [
+            sub.assign(average="heads averaged", js=sub["js_head_averaged"]),
+            sub.assign(average="per head", js=sub["js_per_head"]),
+        ]
+    )
+    data["coordinates"] = data["coordinates"].map(COORDINATE_NAMES)
+    scheme = "tableau20" if data["method"].nunique() > 10 else "tableau10"
+    lines = (
+        alt.Chart(data)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("length:Q", scale=alt.Scale(type="log", base=2), title="context length"),
+            y=alt.Y("js:Q", title="JS divergence (nats, ≤ ln 2)"),
+            color=alt.Color("method:N", scale=alt.Scale(scheme=scheme)),
+            strokeDash=alt.StrokeDash(
+                "average:N",
+                title="average",
+                scale=alt.Scale(domain=["heads averaged", "per head"], range=[[1, 0], [5, 3]]),
+            ),
+            tooltip=["method", "length", "coordinates", "reference", "average"]
+            + [alt.Tooltip("js:Q", format=".4f")],
+        )
+        .properties(width=260, height=200)
+    )
+    return lines.facet(
+        column=alt.Column("coordinates:N", title=None, sort=list(COORDINATE_NAMES.values())),
+        row=alt.Row("reference:N", title="reference"),
+    ).properties(title=f"{model}: JS divergence from the reference, mean over layers")
 
 
 def needle_heatmap(cells, model: str):
@@ -143,8 +200,10 @@ def needle_heatmap(cells, model: str):
         dtype=object,
     )
     depth_order = sorted(df["depth"].unique(), key=float)
+    rules = sorted({p for p in df.get("placement", []) if isinstance(p, str)})
+    placed = f"; placement: {', '.join(rules)}" if rules else ""
     x = alt.X("length:O", title="context length (tokens)")
-    y = alt.Y("depth:O", title="needle depth (%)", sort=depth_order)
+    y = alt.Y("depth:O", title=f"requested needle depth (%{placed})", sort=depth_order)
     colors = alt.Scale(
         domain=["pass", "fail", "oom", "prompt_error"],
         range=["#4caf50", "#e53935", "#9e9e9e", "#bdbdbd"],
@@ -153,7 +212,8 @@ def needle_heatmap(cells, model: str):
     heat = base.mark_rect(stroke="white").encode(
         y=y,
         color=alt.Color("outcome:N", scale=colors, title="retrieval"),
-        tooltip=["method", "length", "depth", "outcome", "predicted", "answer", "mean_entropy"],
+        tooltip=["method", "length", "depth", alt.Tooltip("actual_depth:Q", format=".1f")]
+        + ["outcome", "predicted", "answer", "mean_entropy"],
     )
     text = base.mark_text(fontSize=9, color="black").encode(y=y, text="label:N")
     rule = (
@@ -169,5 +229,86 @@ def needle_heatmap(cells, model: str):
         .properties(
             title=f"{model}: needle retrieval (cell text: mean attention entropy; "
             "dashed: right edge of the continual-pretraining length)"
+        )
+    )
+
+
+def strata_chart(summary, strata, model: str):
+    """AUROC of mean entropy for failure within each context length (bold line: all methods;
+    points: method × length strata with both outcomes), against the pooled AUROC (dashed) and the
+    AUROC of length alone (dotted); 0.5 = no signal."""
+    import altair as alt
+    import pandas as pd
+
+    st = strata[strata["model"] == model]
+    pooled = summary[(summary["model"] == model) & (summary["method"] == "(all methods)")]
+    refs = pd.DataFrame(
+        [
+            ("entropy, pooled over lengths", float(pooled["auroc_entropy_failure"].iloc[0])),
+            (
+                "entropy, within lengths (pair-weighted)",
+                float(pooled["auroc_within_length"].iloc[0]),
+            ),
+            ("length alone", float(pooled["auroc_length_failure"].iloc[0])),
+            ("no signal", 0.5),
+        ]
+        if len(pooled)
+        else [],
+        columns=["what", "auroc"],
+    )
+    x = alt.X("length:O", title="context length (tokens)")
+    y = alt.Y(
+        "auroc_entropy_failure:Q",
+        title="AUROC of mean entropy for failure",
+        scale=alt.Scale(domain=[0, 1]),
+    )
+    tip = ["method", "length", "cells", "failures"]
+    tip += [alt.Tooltip("auroc_entropy_failure:Q", format=".3f")]
+    per_method = (
+        alt.Chart(st[st["method"] != "(all methods)"])
+        .mark_point(filled=True, size=45, opacity=0.8)
+        .encode(
+            x=x,
+            xOffset=alt.XOffset("method:N"),
+            y=y,
+            color=alt.Color("method:N", title="one method at that length"),
+            tooltip=tip,
+        )
+    )
+    by_length = (
+        alt.Chart(st[st["method"] == "(all methods)"])
+        .mark_line(point=alt.OverlayMarkDef(color="black", size=70), color="black", strokeWidth=3)
+        .encode(x=x, y=y, tooltip=tip)
+    )
+    ref_colors = ["#d62728", "#000000", "#1f77b4", "#9e9e9e"][: len(refs)]
+    lines = (
+        alt.Chart(refs)
+        .mark_rule(strokeWidth=1.5)
+        .encode(
+            y="auroc:Q",
+            color=alt.Color(
+                "what:N",
+                title="over all lengths",
+                scale=alt.Scale(domain=list(refs["what"]), range=ref_colors),
+                legend=alt.Legend(labelLimit=320),
+            ),
+            strokeDash=alt.StrokeDash(
+                "what:N",
+                scale=alt.Scale(
+                    domain=list(refs["what"]), range=[[6, 3], [2, 2], [8, 2], [1, 3]][: len(refs)]
+                ),
+                legend=None,
+            ),
+            tooltip=["what", alt.Tooltip("auroc:Q", format=".3f")],
+        )
+    )
+    return (
+        alt.layer(lines, per_method, by_length)
+        .resolve_scale(color="independent")
+        .properties(
+            width=max(220, 70 * st["length"].nunique()),
+            height=220,
+            title=f"{model}: AUROC of entropy for failure within each length "
+            "(black line: all methods at that length)",
         )
     )

@@ -51,6 +51,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"ropelens: error: {self.prog}: {message}; see `{self.prog} --help`\n")
 
 
+def _reference(text: str):
+    """``--reference``: a method label, or JSON (a mapping or a list; see attention.reference)."""
+    return _json(text) if text.lstrip()[:1] in ("{", "[", '"') else text
+
+
 def _threads(n: int | None) -> None:
     if n:
         import torch
@@ -229,20 +234,29 @@ def cmd_attention(args) -> int:
 
 
 def cmd_aggregate_attention(args) -> int:
-    from ropelens import charts, distributions, schemas, tables
+    from ropelens import charts, distributions, schemas
     from ropelens.io import read_cells
 
     table = distributions.js_table(args.cells, args.reference)
-    tables.write_outputs(table.filter(_is_mean(table)), args.prefix, "js_divergence", "{:.4f}")
-    from ropelens.io import write_table
-
-    write_table(table, f"{args.prefix}_layers.parquet")
+    distributions.write_js_outputs(table, args.prefix)
     df = read_cells(args.cells, schemas.ATTENTION).to_pandas()
-    for model, html, png in zip(args.models, args.html, args.png):
+    js = table.to_pandas()
+    for i, model in enumerate(args.models):
         sub = df[df["model"] == model]
         pretrained = int(sub["pretrained_length"].iloc[0])
         lengths = distributions.plot_lengths(sub, pretrained, args.plot_lengths)
-        charts.save(charts.attention_chart(sub, model, lengths), html, png)
+        charts.save(charts.attention_chart(sub, model, lengths), args.html[i], args.png[i])
+        for coords, html, png in (
+            ("distance", args.distance_html, args.distance_png),
+            (None, args.js_html, args.js_png),
+        ):
+            if i < len(html):
+                chart = (
+                    charts.js_chart(js, model)
+                    if coords is None
+                    else charts.attention_chart(sub, model, lengths, coords)
+                )
+                charts.save(chart, html[i], png[i] if i < len(png) else None)
     print(f"aggregated {len(args.cells)} attention cells", file=sys.stderr)
     return 0
 
@@ -311,8 +325,10 @@ def cmd_aggregate_needle(args) -> int:
 
     cells = retrieval.cell_frame(args.cells)
     prefix = Path(args.prefix)
+    summary, strata = retrieval.summary_table(cells), retrieval.strata_table(cells)
     for name, df in (
-        ("", retrieval.summary_table(cells)),
+        ("", summary),
+        ("_entropy_strata", strata),
         ("_cpt", retrieval.cpt_table(cells)),
     ):
         import pyarrow as pa
@@ -325,14 +341,10 @@ def cmd_aggregate_needle(args) -> int:
         Path(f"{out}.md.tmp").replace(f"{out}.md")
     for model, html, png in zip(args.models, args.html, args.png):
         charts.save(charts.needle_heatmap(cells, model), html, png)
+    for model, html, png in zip(args.models, args.strata_html, args.strata_png):
+        charts.save(charts.strata_chart(summary, strata, model), html, png)
     print(f"aggregated {len(args.cells)} needle cells", file=sys.stderr)
     return 0
-
-
-def _is_mean(table):
-    import pyarrow.compute as pc
-
-    return pc.equal(table.column("layer"), "mean")
 
 
 def cmd_aggregate_ppl(args) -> int:
@@ -441,10 +453,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("cells", nargs="*", help="attention cell Parquet files")
     s.add_argument("--prefix", required=True, help="writes PREFIX.parquet/.csv/.md (+ _layers)")
-    s.add_argument("--reference", default="rope", help="reference method label")
+    s.add_argument(
+        "--reference",
+        type=_reference,
+        default="rope",
+        help="JS reference: a method label (at the pretrained length) or JSON "
+        '(e.g. \'{"method": "rope", "length": "same"}\', or a list); see attention.reference',
+    )
     s.add_argument("--models", nargs="*", default=[], help="models to chart")
-    s.add_argument("--html", nargs="*", default=[], help="chart HTML per model")
-    s.add_argument("--png", nargs="*", default=[], help="chart PNG per model")
+    s.add_argument("--html", nargs="*", default=[], help="k/L distribution chart HTML per model")
+    s.add_argument("--png", nargs="*", default=[], help="k/L distribution chart PNG per model")
+    s.add_argument("--distance-html", nargs="*", default=[], help="q-k chart HTML per model")
+    s.add_argument("--distance-png", nargs="*", default=[], help="q-k chart PNG per model")
+    s.add_argument("--js-html", nargs="*", default=[], help="JS-vs-length chart HTML per model")
+    s.add_argument("--js-png", nargs="*", default=[], help="JS-vs-length chart PNG per model")
     s.add_argument("--plot-lengths", type=_json, help="JSON list of lengths to chart")
     s.set_defaults(func=cmd_aggregate_attention)
 
@@ -499,10 +521,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="needle heatmaps, entropy-failure table and continual-pretraining comparison",
     )
     s.add_argument("cells", nargs="*", help="needle cell Parquet files")
-    s.add_argument("--prefix", required=True, help="writes PREFIX.* and PREFIX_cpt.*")
+    s.add_argument(
+        "--prefix", required=True, help="writes PREFIX.*, PREFIX_entropy_strata.* and PREFIX_cpt.*"
+    )
     s.add_argument("--models", nargs="*", default=[], help="models to chart")
     s.add_argument("--html", nargs="*", default=[], help="heatmap HTML per model")
     s.add_argument("--png", nargs="*", default=[], help="heatmap PNG per model")
+    s.add_argument("--strata-html", nargs="*", default=[], help="AUROC-by-length HTML per model")
+    s.add_argument("--strata-png", nargs="*", default=[], help="AUROC-by-length PNG per model")
     s.set_defaults(func=cmd_aggregate_needle)
 
     from ropelens import toy

@@ -184,11 +184,9 @@ def check(cfg: dict, base_dir: str | os.PathLike = ".") -> None:
     depths = cfg["depths"]
     if len(set(map(float, depths))) != len(depths):
         raise ConfigError("depths: a depth is listed twice; list each depth once")
-    if att["reference"] not in cfg["methods"]:
-        raise ConfigError(
-            f"attention.reference: method '{att['reference']}' is not in methods; "
-            "add it (e.g. rope: {}) or name another method label"
-        )
+    from ropelens import distributions
+
+    distributions.check_references(cfg)
     from ropelens import corpora
 
     for name, corpus in cfg["corpora"].items():
@@ -221,14 +219,13 @@ def model_method_pairs(cfg: dict) -> list[tuple[str, str]]:
 
 def attention_cells(cfg: dict) -> list[tuple[str, str, int]]:
     """(model, method, length) attention cells: every pair at ``attention.lengths``, plus the
-    JS reference (``attention.reference`` at each model's pretrained length)."""
+    cells the JS references read (``attention.reference``, by default rope at the pretrained
+    length)."""
+    from ropelens.distributions import reference_cells
+
     att = cfg["attention"]
     cells = [(m, x, n) for m, x in model_method_pairs(cfg) for n in att["lengths"]]
-    for m, x in model_method_pairs(cfg):
-        ref = (m, x, cfg["models"][m]["pretrained_length"])
-        if x == att["reference"] and ref not in cells:
-            cells.append(ref)
-    return cells
+    return cells + [c for c in reference_cells(cfg) if c not in cells]
 
 
 def needle_cells(cfg: dict) -> list[tuple[str, str, int, str]]:

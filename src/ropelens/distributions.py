@@ -5,8 +5,23 @@ streaming statistics engine (:mod:`ropelens.attention`) and keeps, per layer × 
 the measured queries (the last ``query_fraction`` of each document) of the attention mass per
 normalised key-position bin (k / L), per log-distance bin, and the attention entropy.
 
-The Jensen–Shannon table compares, per layer, the head-averaged key-position distribution of every
-(method, length) with the reference method (plain RoPE) at the model's pretrained length.
+The Jensen–Shannon table (:func:`js_table`) compares every (method, length) with a reference cell,
+layer by layer, in two coordinate systems (:data:`COORDINATES`):
+
+- ``position``: mass over normalised key position k/L. A pure rescaling of positions (what PI does
+  to a pattern learnt at L0) has zero divergence here: the shape is kept in k/L.
+- ``distance``: mass over log2-spaced bins of the query–key distance q − k (absolute tokens). A
+  rescaling moves mass to longer distances and shows here; so does a model attending locally.
+
+Two averages: ``js_head_averaged`` is the divergence of the head-averaged distributions (heads
+averaged first; the paper's Fig. 2 red line); ``js_per_head`` is the mean over heads of each head's
+divergence from the same head of the reference (always >= the former's value at equal inputs, by
+convexity of JS; NaN when the reference has other heads). JS is in nats, in [0, ln 2].
+
+The reference (:func:`references`, config ``attention.reference``) is a method on a model at a
+length: by default plain RoPE on the same model at its pretrained length; ``length: same`` takes
+the reference at each cell's own length (each method vs RoPE at that length on the base), and
+``model:`` another model (a natively long-context model, as the paper's 8K row).
 """
 
 from __future__ import annotations
@@ -58,82 +73,280 @@ def query_window(length: int, fraction: float) -> int:
     return max(1, min(length, math.ceil(fraction * length - 1e-9)))
 
 
+COORDINATES = {"position": "pos_mass", "distance": "dist_mass"}
+COORDINATE_NAMES = {
+    "position": "normalised key position k/L",
+    "distance": "log2 query–key distance q − k",
+}
+LN2 = math.log(2)
+
+
 def js_divergence(p, q) -> float:
-    from ropelens.attention import js_divergence as js
+    """Jensen-Shannon divergence (nats) of two non-negative vectors, each normalised to sum 1."""
+    p = np.asarray(p, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    p, q = p / p.sum(), q / q.sum()
+    m = 0.5 * (p + q)
 
-    return js(p, q)
+    def kl(a):
+        nz = a > 0
+        return float(np.sum(a[nz] * np.log(a[nz] / m[nz])))
+
+    return max(0.0, 0.5 * kl(p) + 0.5 * kl(q))
 
 
-def _layer_means(df):
-    """Mean key-position distribution and entropy per (model, method, length, layer)."""
-    rows = []
-    keys = ["model", "method", "length", "layer"]
-    for key, sub in df.groupby(keys, sort=True):
-        rows.append(
-            dict(
-                zip(keys, key),
-                pos=np.mean(np.stack(sub["pos_mass"].to_numpy()), axis=0),
-                entropy=float(sub["entropy_mean"].mean()),
-            )
+# --- the reference ------------------------------------------------------------------------------
+
+
+def references(setting) -> list[dict]:
+    """``attention.reference`` as a list of ``{method, model, length}`` (see the module docstring).
+
+    A string is a method label at the pretrained length of the same model (the default ``rope``);
+    a mapping gives ``method`` (default rope), ``model`` (default: the cell's own) and ``length``
+    (``pretrained`` - the reference model's -, ``same`` - the cell's -, or a number of tokens); a
+    list gives several references, one set of rows each.
+    """
+    from ropelens.errors import ConfigError
+
+    items = setting if isinstance(setting, list) else [setting]
+    out = []
+    for i, item in enumerate(items):
+        where = "attention.reference" + (f"[{i}]" if isinstance(setting, list) else "")
+        if isinstance(item, str):
+            item = {"method": item}
+        if not isinstance(item, dict) or set(item) - {"method", "model", "length"}:
+            raise ConfigError(f"{where}: give a method label or a mapping of method, model, length")
+        length = item.get("length", "pretrained")
+        if not (length in ("pretrained", "same") or (isinstance(length, int) and length > 0)):
+            raise ConfigError(f"{where}.length: {length!r}; use pretrained, same or a length")
+        out.append(
+            {"method": item.get("method", "rope"), "model": item.get("model"), "length": length}
         )
-    return rows
+    if not out:
+        raise ConfigError("attention.reference: empty list; give at least one reference")
+    return out
 
 
-def js_table(cell_paths, reference: str):
-    """JS divergence of every (model, method, length) vs ``reference`` at the pretrained length."""
+def reference_label(ref: dict) -> str:
+    """How tables and charts name a reference, e.g. 'rope at the pretrained length'."""
+    where = {"pretrained": "the pretrained length", "same": "the same length"}
+    at = where.get(ref["length"], f"{ref['length']} tokens")
+    model = f"{ref['model']}/" if ref.get("model") else ""
+    return f"{model}{ref['method']} at {at}"
+
+
+def _reference_lengths(ref: dict, cfg: dict, model: str) -> list[int]:
+    """Lengths at which ``ref`` is read for the cells of ``model``."""
+    ref_model = ref["model"] or model
+    if ref["length"] == "pretrained":
+        return [cfg["models"][ref_model]["pretrained_length"]]
+    if ref["length"] == "same":
+        return list(cfg["attention"]["lengths"])
+    return [ref["length"]]
+
+
+def check_references(cfg: dict) -> None:
+    """Plan-time check of ``attention.reference``: each names a configured model and a method
+    that runs on it, and a length of ``lengths`` if it gives one (one-line ConfigError)."""
+    from ropelens.config import model_method_pairs
+    from ropelens.errors import ConfigError
+
+    pairs = set(model_method_pairs(cfg))
+    for ref in references(cfg["attention"]["reference"]):
+        if ref["method"] not in cfg["methods"]:
+            raise ConfigError(
+                f"attention.reference: method '{ref['method']}' is not in methods; "
+                "add it (e.g. rope: {}) or name another method label"
+            )
+        if ref["model"] is not None and ref["model"] not in cfg["models"]:
+            raise ConfigError(
+                f"attention.reference.model: '{ref['model']}' is not in models; "
+                f"known: {', '.join(cfg['models'])}"
+            )
+        for model in cfg["models"]:
+            ref_model = ref["model"] or model
+            if (ref_model, ref["method"]) not in pairs:
+                raise ConfigError(
+                    f"attention.reference: method '{ref['method']}' does not run on model "
+                    f"'{ref_model}'; name a method that runs on it (e.g. rope)"
+                )
+            if isinstance(ref["length"], int) and ref["length"] not in cfg["lengths"]:
+                n = ref["length"]
+                raise ConfigError(
+                    f"attention.reference.length: {n} is not in lengths; add it there first"
+                )
+
+
+def reference_cells(cfg: dict) -> list[tuple[str, str, int]]:
+    """(model, method, length) attention cells the references read."""
+    out = []
+    for ref in references(cfg["attention"]["reference"]):
+        for model in cfg["models"]:
+            for n in _reference_lengths(ref, cfg, model):
+                out.append((ref["model"] or model, ref["method"], n))
+    return list(dict.fromkeys(out))
+
+
+# --- the table ----------------------------------------------------------------------------------
+
+
+def _head_stacks(df, column: str) -> dict:
+    """(model, method, length) -> {layer: heads x bins array (rows in head order)}."""
+    out: dict = {}
+    df = df.sort_values(["model", "method", "length", "layer", "head"])
+    for (model, method, length, layer), sub in df.groupby(
+        ["model", "method", "length", "layer"], sort=True
+    ):
+        stack = np.stack(sub[column].to_numpy()).astype(np.float64)
+        out.setdefault((model, method, int(length)), {})[int(layer)] = stack
+    return out
+
+
+def _layer_js(cell: dict, ref: dict | None) -> dict:
+    """{layer: (head-averaged JS, per-head JS)} of one cell against its reference cell."""
+    out = {}
+    for layer, heads in cell.items():
+        other = None if ref is None else ref.get(layer)
+        if other is None:
+            out[layer] = (math.nan, math.nan)
+            continue
+        averaged = js_divergence(heads.mean(axis=0), other.mean(axis=0))
+        per_head = (
+            float(np.mean([js_divergence(a, b) for a, b in zip(heads, other)]))
+            if heads.shape == other.shape
+            else math.nan
+        )
+        out[layer] = (averaged, per_head)
+    return out
+
+
+def _reference_key(ref: dict, model: str, length: int, pretrained: dict) -> tuple:
+    ref_model = ref["model"] or model
+    at = ref["length"]
+    at = pretrained[ref_model] if at == "pretrained" else length if at == "same" else at
+    return ref_model, ref["method"], int(at)
+
+
+def js_table(cell_paths, reference="rope"):
+    """JS divergence of every (model, method, length) vs each reference of ``reference``
+    (:func:`references`), per layer and coordinate system, plus a ``mean`` row over layers."""
     import pyarrow as pa
 
     from ropelens import schemas
     from ropelens.io import read_cells
 
+    refs = references(reference)
     df = read_cells(cell_paths, schemas.ATTENTION).to_pandas()
-    info_cols = [f.name for f in schemas.METHOD_INFO]
     info = df.drop_duplicates(["model", "method", "length"]).set_index(
         ["model", "method", "length"]
     )
-    layers = _layer_means(df)
-    ref = {
-        (r["model"], r["layer"]): r["pos"]
-        for r in layers
-        if r["method"] == reference
-        and r["length"] == info.loc[(r["model"], r["method"], r["length"]), "pretrained_length"]
-    }
-    out = {name: [] for name in schemas.ATTENTION_JS.names}
+    pretrained = {m: int(g["pretrained_length"].iloc[0]) for m, g in df.groupby("model")}
+    entropy = df.groupby(["model", "method", "length", "layer"])["entropy_mean"].mean()
+    rows = []
+    for coords, column in COORDINATES.items():
+        stacks = _head_stacks(df, column)
+        for ref in refs:
+            found: dict = {}
+            for (model, method, length), cell in sorted(stacks.items()):
+                key = _reference_key(ref, model, length, pretrained)
+                found[model] = found.get(model, False) or key in stacks
+                per_layer = _layer_js(cell, stacks.get(key))
+                base = dict(model=model, method=method, length=length, coordinates=coords)
+                base |= dict(reference=reference_label(ref), reference_model=key[0])
+                base |= dict(reference_method=key[1], reference_length=key[2])
+                base |= _method_info(info.loc[(model, method, length)])
+                for layer, (avg, per) in sorted(per_layer.items()):
+                    ent = float(entropy.loc[(model, method, length, layer)])
+                    rows.append(base | _js_values(str(layer), avg, per, ent))
+                vals = np.array(list(per_layer.values()), dtype=float)
+                ent = float(entropy.loc[(model, method, length)].mean())
+                rows.append(base | _js_values("mean", *vals.mean(axis=0), ent))
+            for model, ok in found.items():
+                if not ok:
+                    raise DataError(
+                        f"attention cells of model '{model}' lack the reference "
+                        f"{reference_label(ref)} ({ref['method']}); rerun the workflow to compute "
+                        "it or change attention.reference"
+                    )
+    return pa.Table.from_pylist(rows, schema=schemas.ATTENTION_JS)
 
-    def emit(model, method, length, layer, js, entropy):
-        meta = info.loc[(model, method, length)]
-        out["model"].append(model)
-        out["method"].append(method)
-        out["length"].append(int(length))
-        for c in info_cols:
-            v = meta[c]
-            out[c].append(None if v is None or (isinstance(v, float) and np.isnan(v)) else v)
-        out["layer"].append(layer)
-        out["reference_method"].append(reference)
-        out["reference_length"].append(int(meta["pretrained_length"]))
-        out["js_divergence"].append(js)
-        out["entropy_mean"].append(entropy)
 
-    by_cell: dict = {}
-    for r in layers:
-        if (r["model"], r["layer"]) not in ref:
-            raise DataError(
-                f"attention cells of model '{r['model']}' lack the reference "
-                f"'{reference}' at the pretrained length; rerun the workflow to compute it"
-            )
-        js = js_divergence(r["pos"], ref[(r["model"], r["layer"])])
-        emit(r["model"], r["method"], r["length"], str(r["layer"]), js, r["entropy"])
-        by_cell.setdefault((r["model"], r["method"], r["length"]), []).append((js, r["entropy"]))
-    for (model, method, length), vals in sorted(by_cell.items()):
-        emit(
-            model,
-            method,
-            length,
-            "mean",
-            float(np.mean([v[0] for v in vals])),
-            float(np.mean([v[1] for v in vals])),
-        )
-    return pa.table(out, schema=schemas.ATTENTION_JS)
+def _method_info(meta) -> dict:
+    from ropelens import schemas
+
+    out = {}
+    for f in schemas.METHOD_INFO:
+        v = meta[f.name]
+        out[f.name] = None if v is None or (isinstance(v, float) and np.isnan(v)) else v
+    return out
+
+
+def _js_values(layer: str, averaged: float, per_head: float, entropy: float) -> dict:
+    return dict(
+        layer=layer,
+        js_head_averaged=float(averaged),
+        js_per_head=float(per_head),
+        entropy_mean=entropy,
+    )
+
+
+def js_markdown(table) -> str:
+    """One pivot per (model, coordinates, reference): methods × lengths, both averages, the mean
+    over layers; each heading names the coordinates, the reference and the unit."""
+    df = table.to_pandas()
+    df = df[df["layer"] == "mean"]
+    df = df.assign(order=df["coordinates"].map(list(COORDINATES).index))
+    parts = []
+    keys = ["model", "order", "coordinates", "reference"]
+    for (model, _, coords, ref), sub in df.groupby(keys, sort=True):
+        pretrained = int(sub["pretrained_length"].iloc[0])
+        lengths = sorted(sub["length"].unique())
+        lines = [
+            f"### {model} — JS divergence over {COORDINATE_NAMES[coords]} "
+            f"(nats, 0 … ln 2 = {LN2:.3f}); reference: {ref}",
+            "",
+            "Mean over layers. *avg*: heads averaged, then JS; *per-head*: mean over heads of "
+            "each head's JS.",
+            "",
+        ]
+        header = ["method"]
+        for n in lengths:
+            tag = f"{n}" + (" (pt)" if n == pretrained else "")
+            header += [f"{tag} avg", f"{tag} per-head"]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        by = sub.set_index(["method", "length"])
+        for method in sorted(sub["method"].unique(), key=list(sub["method"]).index):
+            cells = [method]
+            for n in lengths:
+                for col in ("js_head_averaged", "js_per_head"):
+                    v = by[col].get((method, n), math.nan)
+                    cells.append("—" if v != v else f"{v:.4f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def write_js_outputs(table, prefix) -> None:
+    """``prefix``.parquet/.csv/.md (the ``mean`` rows) and ``prefix``_layers.parquet (all)."""
+    from pathlib import Path
+
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+
+    from ropelens.io import write_table
+
+    prefix = Path(prefix)
+    mean = table.filter(pc.equal(table.column("layer"), "mean"))
+    write_table(mean, prefix.with_suffix(".parquet"))
+    write_table(table, prefix.with_name(prefix.name + "_layers.parquet"))
+    for suffix, write in (
+        (".csv", lambda t: pacsv.write_csv(mean, t)),
+        (".md", lambda t: t.write_text(js_markdown(mean), encoding="utf-8")),
+    ):
+        tmp = prefix.with_suffix(suffix + ".tmp")
+        write(tmp)
+        tmp.replace(prefix.with_suffix(suffix))
 
 
 def plot_lengths(df, pretrained: int, requested: list[int] | None) -> list[int]:

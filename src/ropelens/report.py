@@ -71,15 +71,18 @@ SECTIONS: list[Section] = [
         "attention",
         "Attention distributions",
         caption="attention.rst",
-        summary="Attention mass over normalised key position, per method and length.",
+        summary="Attention mass over normalised key position k/L and over log2 query–key "
+        "distance, per method and length.",
         figures=("attention_*.html",),
     ),
     Section(
         "attention_js",
         "Jensen–Shannon divergence of attention distributions",
         caption="attention_js.rst",
-        summary="JS divergence of each method's attention distribution from plain RoPE's.",
+        summary="JS divergence (nats, at most ln 2) of each method's attention distribution from "
+        "the reference's, in k/L and in q − k coordinates.",
         tables=("attention_js.parquet",),
+        figures=("attention_js_*.html",),
         details=("attention_js_layers.parquet",),
     ),
     Section(

@@ -153,39 +153,91 @@ def auroc(scores, positives) -> float:
     return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
 
 
+def auroc_within(scores, positives, strata) -> float:
+    """AUROC counting only (positive, negative) pairs in the same stratum: the pair-weighted mean
+    of the per-stratum AUROCs (a stratified Mann–Whitney U). NaN when no stratum has both."""
+    s = np.asarray(scores, dtype=float)
+    y = np.asarray(positives, dtype=bool)
+    g = np.asarray(strata)
+    wins = pairs = 0.0
+    for value in np.unique(g):
+        pos, neg = s[(g == value) & y], s[(g == value) & ~y]
+        wins += (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+        pairs += len(pos) * len(neg)
+    return float(wins / pairs) if pairs else math.nan
+
+
+ALL_METHODS = "(all methods)"
+
+
+def _failure_stats(g) -> dict:
+    """Pass rate, entropy of passed vs failed cells and the AUROCs of one group of ok cells."""
+    passed = g["passed"].astype(bool)
+    return {
+        "cells": int(len(g)),
+        "pass_rate": float(passed.mean()),
+        "mean_score": float(g["score"].mean()),
+        "entropy_passed": float(g.loc[passed, "mean_entropy"].mean()),
+        "entropy_failed": float(g.loc[~passed, "mean_entropy"].mean()),
+        "auroc_within_length": auroc_within(g["mean_entropy"], ~passed, g["length"]),
+        "auroc_entropy_failure": auroc(g["mean_entropy"], ~passed),
+        "auroc_length_failure": auroc(g["length"], ~passed),
+    }
+
+
 def summary_table(cells):
     """Per (model, method) and pooled per model: pass rate, entropy of passed vs failed cells and
-    the AUROC of mean entropy as a predictor of failure."""
+    three AUROCs for predicting failure — mean entropy within each length (pairs of the same
+    length only), mean entropy pooled over lengths, and context length alone. Entropy adds to
+    length what the within-length AUROC shows; the pooled one mixes in length."""
+    import pandas as pd
+
+    ok = cells[cells["status"] == OK]
+    bad = cells[cells["status"] != OK]
+    rows = []
+    groups = [((m, x), g) for (m, x), g in ok.groupby(["model", "method"], sort=True)]
+    groups += [((m, ALL_METHODS), g) for m, g in ok.groupby("model", sort=True)]
+    for (model, method), g in groups:
+        mine = bad[(bad["model"] == model) & ((bad["method"] == method) | (method == ALL_METHODS))]
+        stats = _failure_stats(g)
+        rows.append(
+            {"model": model, "method": method, "cells": stats.pop("cells")}
+            | {"failed_status": int(len(mine))}
+            | stats
+        )
+    return pd.DataFrame(rows)
+
+
+def strata_table(cells):
+    """The entropy–failure AUROC within strata: per model × length over all methods, and per
+    model × method × length where that stratum has both passed and failed cells."""
     import pandas as pd
 
     ok = cells[cells["status"] == OK]
     rows = []
-    groups = [((m, x), g) for (m, x), g in ok.groupby(["model", "method"], sort=True)]
-    groups += [((m, "(all methods)"), g) for m, g in ok.groupby("model", sort=True)]
-    for (model, method), g in groups:
-        passed = g["passed"].astype(bool)
-        rows.append(
-            {
-                "model": model,
-                "method": method,
-                "cells": int(len(g)),
-                "failed_status": int(
-                    ((cells["model"] == model) & (cells["status"] != OK)).sum()
-                    if method == "(all methods)"
-                    else (
-                        (cells["model"] == model)
-                        & (cells["method"] == method)
-                        & (cells["status"] != OK)
-                    ).sum()
-                ),
-                "pass_rate": float(passed.mean()),
-                "mean_score": float(g["score"].mean()),
-                "entropy_passed": float(g.loc[passed, "mean_entropy"].mean()),
-                "entropy_failed": float(g.loc[~passed, "mean_entropy"].mean()),
-                "auroc_entropy_failure": auroc(g["mean_entropy"], ~passed),
-            }
-        )
-    return pd.DataFrame(rows)
+    for (model, length), g in ok.groupby(["model", "length"], sort=True):
+        rows.append(_stratum(model, ALL_METHODS, length, g))
+        for method, h in g.groupby("method", sort=True):
+            if 0 < h["passed"].astype(bool).sum() < len(h):
+                rows.append(_stratum(model, method, length, h))
+    columns = ["model", "method", "length", "cells", "failures", "pass_rate"]
+    columns += ["entropy_passed", "entropy_failed", "auroc_entropy_failure"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _stratum(model, method, length, g) -> dict:
+    stats = _failure_stats(g)
+    return {
+        "model": model,
+        "method": method,
+        "length": int(length),
+        "cells": stats["cells"],
+        "failures": int((~g["passed"].astype(bool)).sum()),
+        "pass_rate": stats["pass_rate"],
+        "entropy_passed": stats["entropy_passed"],
+        "entropy_failed": stats["entropy_failed"],
+        "auroc_entropy_failure": stats["auroc_entropy_failure"],
+    }
 
 
 def cpt_table(cells):

@@ -84,9 +84,13 @@ ATTENTION_JS = pa.schema(
     + METHOD_INFO
     + [
         pa.field("layer", pa.string()),  # layer index, or "mean" over layers
+        pa.field("coordinates", pa.string()),  # "position" (k/L) or "distance" (log2 q - k)
+        pa.field("reference", pa.string()),  # e.g. "rope at the pretrained length"
+        pa.field("reference_model", pa.string()),
         pa.field("reference_method", pa.string()),
         pa.field("reference_length", pa.int64()),
-        pa.field("js_divergence", pa.float64()),
+        pa.field("js_head_averaged", pa.float64()),  # nats: JS of the head-averaged distributions
+        pa.field("js_per_head", pa.float64()),  # nats: mean over heads of each head's JS
         pa.field("entropy_mean", pa.float64()),
     ]
 )
