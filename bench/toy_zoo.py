@@ -111,6 +111,7 @@ def needle_check(cfg, workdir: Path, model: str, seeds: int) -> list[dict]:
     loaded = models.load(spec)
     settings = config.cell_settings(cfg, "needle")
     template = needle.Template(**settings.get("template", {}))
+    placement = settings.get("placement", needle.DEFAULT_PLACEMENT)
     corpus = workdir / f"results/data/corpora/{cfg['needle']['haystack']}.parquet"
     haystack = pq.read_table(corpus).column("text").to_pylist()
     l0 = cfg["models"][model]["pretrained_length"]
@@ -122,7 +123,7 @@ def needle_check(cfg, workdir: Path, model: str, seeds: int) -> list[dict]:
             for k in range(seeds + 1):
                 seed = needle.cell_seed(length, depth, base_seed + k)
                 prompt = needle.build_prompt(
-                    loaded.tokenizer, haystack, length, depth, seed, template
+                    loaded.tokenizer, haystack, length, depth, seed, template, placement
                 )
                 max_new = settings.get("max_new_tokens") or len(prompt.target_ids) + 4
                 results.append(needle.run(loaded.model, loaded.tokenizer, prompt, max_new))
@@ -154,7 +155,14 @@ def needle_entropy_checks(workdir: Path, model: str, l0: int) -> list[tuple]:
             f"failed {pooled.entropy_failed:.3f})",
             ">= 0.7",
             pooled.auroc_entropy_failure >= 0.7,
-        )
+        ),
+        (
+            "needle: the same AUROC within each length (pairs of one length only), and the "
+            "AUROC of context length alone",
+            f"{pooled.auroc_within_length:.3f}; length alone {pooled.auroc_length_failure:.3f}",
+            "within > 0.5",
+            pooled.auroc_within_length > 0.5,
+        ),
     ]
     for base, g in cpt[cpt.model == model].groupby("registry_method", sort=True):
         trained = g[g.cpt_length > 0].sort_values("cpt_length")

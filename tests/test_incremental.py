@@ -202,6 +202,26 @@ def test_changed_method_params_rerun_that_method_only(base, snakemake):
     assert set(AGGREGATE_OF.values()) <= aggregates(proc)
 
 
+def test_changed_needle_placement_reruns_the_needle_cells_only(base, snakemake):
+    workdir, _ = base
+    needle = dict(MICRO["needle"], placement="boundary")
+    proc = snakemake(
+        workdir, *write_config(workdir, changed(MICRO, needle=needle), "nb.yaml"), "-n"
+    )
+    needle_cells = {c for c in cells(workdir) if c.startswith("results/needle/")}
+    assert len(needle_cells) == 2 and planned_computed(proc) == needle_cells
+    assert aggregates(proc) & set(AGGREGATE_OF.values()) == {"needle_report"}
+
+
+def test_changed_js_reference_reruns_the_attention_aggregate_only(base, snakemake):
+    workdir, _ = base
+    attention = dict(MICRO.get("attention", {}), reference={"length": "same"})
+    args = write_config(workdir, changed(MICRO, attention=attention), "ref.yaml")
+    proc = snakemake(workdir, *args, "-n")
+    assert planned_computed(proc) == set()
+    assert aggregates(proc) & set(AGGREGATE_OF.values()) == {"attention_report"}
+
+
 def test_changed_cluster_resources_rerun_nothing(base, snakemake):
     workdir, _ = base
     res = {

@@ -223,7 +223,7 @@ def _layer_js(cell: dict, ref: dict | None) -> dict:
 def _reference_key(ref: dict, model: str, length: int, pretrained: dict) -> tuple:
     ref_model = ref["model"] or model
     at = ref["length"]
-    at = pretrained[ref_model] if at == "pretrained" else length if at == "same" else at
+    at = pretrained.get(ref_model, 0) if at == "pretrained" else length if at == "same" else at
     return ref_model, ref["method"], int(at)
 
 
@@ -265,8 +265,8 @@ def js_table(cell_paths, reference="rope"):
                 if not ok:
                     raise DataError(
                         f"attention cells of model '{model}' lack the reference "
-                        f"{reference_label(ref)} ({ref['method']}); rerun the workflow to compute "
-                        "it or change attention.reference"
+                        f"{reference_label(ref)}; rerun the workflow to compute it or change "
+                        "attention.reference"
                     )
     return pa.Table.from_pylist(rows, schema=schemas.ATTENTION_JS)
 
