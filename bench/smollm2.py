@@ -53,38 +53,27 @@ def run_grid(args) -> list[str]:
     ]
 
 
-def js_same_length(cells, reference: str):
-    """Mean over layers of JS(method at L, reference at the same L), head-averaged positions."""
-    import numpy as np
+def js_same_length(cell_paths, reference: str):
+    """Mean over layers of JS(method at L, reference at the same L), head-averaged k/L
+    distributions: ``ropelens.distributions.js_table`` with ``{method, length: same}``."""
+    from ropelens.distributions import js_table
 
-    from ropelens.distributions import _layer_means, js_divergence
-
-    layers = _layer_means(cells)
-    ref = {(r["length"], r["layer"]): r["pos"] for r in layers if r["method"] == reference}
-    out: dict[tuple[str, int], list[float]] = {}
-    for r in layers:
-        if (r["length"], r["layer"]) in ref:
-            js = js_divergence(r["pos"], ref[(r["length"], r["layer"])])
-            out.setdefault((r["method"], int(r["length"])), []).append(js)
-    return {k: float(np.mean(v)) for k, v in out.items()}
+    table = js_table(cell_paths, {"method": reference, "length": "same"}).to_pandas()
+    mean = table[(table.layer == "mean") & (table.coordinates == "position")]
+    return {(r.method, int(r.length)): float(r.js_head_averaged) for r in mean.itertuples()}
 
 
 def figures(work: Path, reference: str = "rope") -> list[str]:
     import pandas as pd
     import pyarrow.parquet as pq
 
-    from ropelens import schemas
-    from ropelens.io import read_cells
     from ropelens.report import stage_times
 
     tables = work / "results/tables"
     out = ["", "### Perplexity (stdlib, truncate)", "", (tables / "ppl.md").read_text()]
     out += ["### JS divergence vs RoPE at the pretrained length", ""]
     out.append((tables / "attention_js.md").read_text())
-    cells = read_cells(
-        sorted((work / "results/attention").rglob("*.parquet")), schemas.ATTENTION
-    ).to_pandas()
-    same = js_same_length(cells, reference)
+    same = js_same_length(sorted((work / "results/attention").rglob("*.parquet")), reference)
     frame = pd.Series(same).unstack()
     out += [f"### JS divergence vs {reference} at the same length (mean over layers)", ""]
     out.append(frame.to_markdown(floatfmt=".4f"))

@@ -347,6 +347,12 @@ def cmd_aggregate_needle(args) -> int:
     return 0
 
 
+def _is_mean(table):
+    import pyarrow.compute as pc
+
+    return pc.equal(table.column("layer"), "mean")
+
+
 def cmd_aggregate_ppl(args) -> int:
     from ropelens import charts, tables
 
