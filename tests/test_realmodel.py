@@ -262,7 +262,7 @@ def test_needle_cell_retrieves_at_a_short_length_in_the_chat_format(smollm2, tmp
     hay = tmp_path / "haystack.parquet"
     pq.write_table(pa.table({"text": haystack()}), hay)
     out = tmp_path / "needle.parquet"
-    settings = {"seed": 0, "format": "auto", "memory_budget_mb": 16}
+    settings = {"seed": 0, "format": "auto", "placement": "gkamradt", "memory_budget_mb": 16}
     argv = ["needle", "--spec", json.dumps(spec(smollm2)), "--settings", json.dumps(settings)]
     argv += ["--haystack", str(hay), "--length", "256", "--depth", "50", "--out", str(out)]
     assert cli.main(argv) == 0
