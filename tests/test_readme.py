@@ -105,8 +105,12 @@ def fresh_copy(tmp_path_factory):
 
 def shell(cmd: str, cwd: Path, timeout: int = 600):
     venv_bin = str(Path(sys.executable).parent)
+    # a make run by `make test` passes its MAKEFLAGS / MAKELEVEL down, and a nested make then
+    # prints "Entering/Leaving directory" lines around its output: run as a user would, outside
+    nested = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")
+    inherited = {k: v for k, v in os.environ.items() if k not in nested}
     env = {
-        **os.environ,
+        **inherited,
         "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
         "PYTHONPATH": str(cwd / "src"),
         "HF_HUB_OFFLINE": "1",
