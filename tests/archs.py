@@ -130,6 +130,7 @@ ARCHS: list[Arch] = [
     Arch("deepseek-v2", "DeepseekV2Config", MLA, mla=True, rotary_dim=8),
     Arch("deepseek-v3", "DeepseekV3Config", MLA, mla=True, rotary_dim=8),
     # beyond the issue's list: more of the installed transformers' RoPE decoders
+    Arch("mixtral", "MixtralConfig", {**GQA, "num_local_experts": 2, "num_experts_per_tok": 1}),
     Arch("starcoder2", "Starcoder2Config", {**GQA, "sliding_window": WINDOW}, sliding=True),
     Arch("gemma", "GemmaConfig", {**GQA, "head_dim": 16}),
     Arch("olmo", "OlmoConfig", {"clip_qkv": 8.0}),

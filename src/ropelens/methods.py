@@ -262,6 +262,10 @@ def target_layer_types(model_config, requested=None, where: str = "method") -> l
 def apply(model_config, spec: RopeSpec, layer_type: str = FLAT):
     """Write a RoPE spec into one layer type's dict of a transformers config (in place), keeping
     the architecture's keys (partial rotary, ...), and let transformers validate it."""
+    if getattr(model_config, "head_dim", 0) is None:
+        # Mixtral's config has head_dim=None: its model derives it, while transformers' yarn and
+        # dynamic RoPE functions read the attribute as it is (None * factor)
+        model_config.head_dim = head_dim(model_config)
     for key, value in spec.config_overrides.items():
         setattr(model_config, key, value)
     old = rope_layers(model_config).get(layer_type) or {}
