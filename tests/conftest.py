@@ -18,6 +18,18 @@ def snakemake_bin() -> str:
     return str(exe) if exe.exists() else shutil.which("snakemake")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Single-threaded torch for a module (small and fast on a shared machine; the worker-thread
+    path is tested explicitly); restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def snakemake():
     """Run snakemake on the repo's Snakefile in a given working directory."""

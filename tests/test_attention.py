@@ -18,13 +18,7 @@ from ropelens.attention import StatsSpec, record_attention
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small and fast on a shared machine; the worker-thread path is tested explicitly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread (conftest)
 
 
 @pytest.fixture(autouse=True)

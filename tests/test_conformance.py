@@ -259,12 +259,7 @@ TOL = 1e-4
 HAYSTACK = ["The quick brown fox jumps over the lazy dog. It was a sunny day.\n"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread (conftest)
 
 
 @pytest.fixture(params=[True, False], ids=["rowstats", "torch-ops"])

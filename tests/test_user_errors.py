@@ -327,43 +327,23 @@ def test_ppl_by_hand_with_bad_arguments(by_hand, case):
     assert not (workdir / "o").exists() or not list((workdir / "o").iterdir())
 
 
+def needle_argv(depth: str) -> list[str]:
+    """`ropelens needle` by hand with empty spec/settings and the given depth."""
+    return (
+        "needle --spec {} --settings {} --haystack t.parquet --length 8 --depth "
+        f"{depth} --out n.parquet"
+    ).split()
+
+
 @pytest.mark.parametrize(
     "argv,expect",
     [
         (
-            [
-                "needle",
-                "--spec",
-                "{}",
-                "--settings",
-                "{}",
-                "--haystack",
-                "t.parquet",
-                "--length",
-                "8",
-                "--depth",
-                "150",
-                "--out",
-                "n.parquet",
-            ],
+            needle_argv("150"),
             "argument --depth: 150 is not a percentage",
         ),
         (
-            [
-                "needle",
-                "--spec",
-                "{}",
-                "--settings",
-                "{}",
-                "--haystack",
-                "t.parquet",
-                "--length",
-                "8",
-                "--depth",
-                "50",
-                "--out",
-                "n.parquet",
-            ],
+            needle_argv("50"),
             "--haystack: 't.parquet' is not a materialised corpus",
         ),
         (
