@@ -201,9 +201,10 @@ def needle_heatmap(cells, model: str):
     )
     depth_order = sorted(df["depth"].unique(), key=float)
     rules = sorted({p for p in df.get("placement", []) if isinstance(p, str)})
-    placed = f"; placement: {', '.join(rules)}" if rules else ""
+    placed = f", placed by the {' / '.join(rules)} rule" if rules else ""
     x = alt.X("length:O", title="context length (tokens)")
-    y = alt.Y("depth:O", title=f"requested needle depth (%{placed})", sort=depth_order)
+    # a short axis title: a long one overlaps the next facet row when there are few depths
+    y = alt.Y("depth:O", title="depth (%)", sort=depth_order)
     colors = alt.Scale(
         domain=["pass", "fail", "oom", "prompt_error"],
         range=["#4caf50", "#e53935", "#9e9e9e", "#bdbdbd"],
@@ -224,11 +225,13 @@ def needle_heatmap(cells, model: str):
     )
     return (
         alt.layer(heat, text, rule, data=df)
-        .properties(width=max(150, 34 * df["length"].nunique()), height=18 * len(depth_order))
+        .properties(
+            width=max(150, 34 * df["length"].nunique()), height=max(60, 18 * len(depth_order))
+        )
         .facet(facet=alt.Facet("method:N", title=None), columns=3)
         .properties(
-            title=f"{model}: needle retrieval (cell text: mean attention entropy; "
-            "dashed: right edge of the continual-pretraining length)"
+            title=f"{model}: needle retrieval by requested depth{placed} (cell text: mean "
+            "attention entropy; dashed: right edge of the continual-pretraining length)"
         )
     )
 
