@@ -56,6 +56,9 @@ def _explain(err) -> str:
     if v == "enum":
         opts = ", ".join(map(str, err.validator_value))
         return f"{key}: {err.instance!r} is not allowed; use one of {opts}"
+    if v == "pattern" and "\\{" in err.validator_value:  # a template that must hold a field
+        field = err.validator_value.replace("\\", "")
+        return f"{key}: {err.instance!r} must contain {field}; add it where the value goes"
     if v == "pattern":
         return f"{key}: {err.instance!r} has characters that cannot be used in file paths"
     if v == "minItems" or v == "minProperties":
@@ -85,6 +88,8 @@ def validate(cfg: dict) -> dict:
     prose = [k for k, c in cfg["corpora"].items() if c.get("builtin") == "pydoc"]
     cfg["needle"].setdefault("haystack", prose[0] if prose else cfg["ppl"]["corpus"])
     cfg["needle"].setdefault("lengths", list(cfg["lengths"]))
+    if "tasks" in cfg:
+        _task_defaults(cfg)
     for corpus in cfg["corpora"].values():
         corpus.setdefault("split", "test")
         corpus.setdefault("column", "text")
@@ -184,6 +189,8 @@ def check(cfg: dict, base_dir: str | os.PathLike = ".") -> None:
     depths = cfg["depths"]
     if len(set(map(float, depths))) != len(depths):
         raise ConfigError("depths: a depth is listed twice; list each depth once")
+    if "tasks" in cfg:
+        check_tasks(cfg)
     from ropelens import distributions
 
     distributions.check_references(cfg)
@@ -237,6 +244,108 @@ def needle_cells(cfg: dict) -> list[tuple[str, str, int, str]]:
         for n in cfg["needle"]["lengths"]
         for d in labels
     ]
+
+
+def task_cells(cfg: dict) -> list[tuple[str, str, str, int, str]]:
+    """(task, model, method, length, depth label) task cells (none without ``tasks:``)."""
+    out = []
+    for task in enabled_tasks(cfg):
+        labels = [f"{float(d):g}" for d in task_entry(cfg, task)["depths"]]
+        for m, x in model_method_pairs(cfg):
+            out += [(task, m, x, n, d) for n in cfg["tasks"]["lengths"] for d in labels]
+    return out
+
+
+# --- synthetic tasks (issue 18): ``tasks:`` -------------------------------------------------------
+
+TASK_COUNTS = {"multi_key": "distractors", "multi_value": "values", "variable_tracking": "hops"}
+TASK_GRID_KEYS = ("lengths", "depths", "haystack")  # which cells / which corpus, not how
+
+
+def enabled_tasks(cfg: dict) -> list[str]:
+    from ropelens.tasks import TASKS
+
+    return [t for t in TASKS if t in cfg.get("tasks", {})]
+
+
+def _task_defaults(cfg: dict) -> None:
+    tasks = cfg["tasks"]
+    for key, sub in schema()["properties"]["tasks"]["properties"].items():
+        if "default" in sub:
+            tasks.setdefault(key, sub["default"])
+    tasks.setdefault("haystack", cfg["needle"]["haystack"])
+    tasks.setdefault("lengths", list(cfg["needle"]["lengths"]))
+    tasks.setdefault("depths", list(cfg["depths"]))
+
+
+def task_entry(cfg: dict, task: str) -> dict:
+    """A task's parameters with the shared ones filled in (haystack, depths)."""
+    from ropelens.tasks import FILLER
+
+    shared = cfg["tasks"]
+    entry = dict(shared[task] or {})
+    entry.setdefault("haystack", FILLER if task == "passkey" else shared["haystack"])
+    entry.setdefault("depths", shared["depths"])
+    return entry
+
+
+def task_settings(cfg: dict, task: str) -> dict:
+    """What one cell of ``task`` needs (a rule param: without :data:`TASK_GRID_KEYS`)."""
+    from ropelens.tasks import TASKS
+
+    shared = {k: v for k, v in cfg["tasks"].items() if k not in TASKS and k not in TASK_GRID_KEYS}
+    own = {k: v for k, v in task_entry(cfg, task).items() if k not in TASK_GRID_KEYS}
+    return shared | own
+
+
+def check_tasks(cfg: dict) -> None:
+    """The ``tasks`` block beyond the schema: corpora, lengths, counts that belong to the task,
+    templates that format."""
+    from ropelens.tasks import FILLER, TEMPLATES
+
+    tasks = cfg["tasks"]
+    if not enabled_tasks(cfg):
+        raise ConfigError(
+            "tasks: no task enabled; add one of passkey, multi_key, multi_value, "
+            "variable_tracking (e.g. passkey: {}) or remove tasks"
+        )
+    extra = [x for x in tasks["lengths"] if x not in cfg["lengths"]]
+    if extra:
+        raise ConfigError(f"tasks.lengths: {extra[0]} is not in lengths; add it there first")
+    for task in enabled_tasks(cfg):
+        where, entry = f"tasks.{task}", task_entry(cfg, task)
+        hay = entry["haystack"]
+        if hay != FILLER and hay not in cfg["corpora"]:
+            key = f"{where}.haystack" if "haystack" in (tasks[task] or {}) else "tasks.haystack"
+            raise ConfigError(
+                f"{key}: '{hay}' is not in corpora; known: {', '.join(cfg['corpora'])} "
+                f"(or {FILLER}, the passkey filler)"
+            )
+        for count in TASK_COUNTS.values():
+            if count in entry and TASK_COUNTS.get(task) != count:
+                owner = next(t for t, c in TASK_COUNTS.items() if c == count)
+                raise ConfigError(
+                    f"{where}.{count}: {task} has no {count}; it belongs to {owner}, remove it here"
+                )
+        labels = [f"{float(d):g}" for d in entry["depths"]]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"{where}.depths: a depth is listed twice; list each depth once")
+        tpl = TEMPLATES[task]
+        for field, text in (entry.get("template") or {}).items():
+            try:
+                text.format(key="k", value="1")
+            except (KeyError, IndexError, ValueError) as e:
+                raise ConfigError(
+                    f"{where}.template.{field}: cannot be filled ({type(e).__name__}: {e}); "
+                    "use only {key} and {value} (double braces for literal ones)"
+                ) from None
+        if task == "variable_tracking" and tpl.chain and "template" in entry:
+            chain = entry["template"].get("chain", tpl.chain)
+            if "{value}" not in chain or "{key}" not in chain:
+                raise ConfigError(
+                    f"{where}.template.chain: must contain {{key}} and {{value}} "
+                    "(the new variable and the one it copies)"
+                )
 
 
 def model_dir(cfg: dict, model: str) -> str | None:
