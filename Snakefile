@@ -18,6 +18,7 @@ wildcard_constraints:
     corpus=r"[A-Za-z0-9][A-Za-z0-9_.+-]*",
     length=r"\d+",
     depth=r"\d+(\.\d+)?",
+    task=r"[a-z_]+",
 
 
 include: "rules/toy.smk"
@@ -26,6 +27,7 @@ include: "rules/data.smk"
 include: "rules/ppl.smk"
 include: "rules/attention.smk"
 include: "rules/needle.smk"
+include: "rules/tasks.smk"
 include: "rules/report.smk"
 
 
@@ -36,4 +38,5 @@ rule all:
         ppl_cells(),
         attention_cells(),
         needle_cells(),
+        task_cells(),
         report_outputs(),

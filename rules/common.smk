@@ -162,13 +162,52 @@ def needle_cells():
 
 
 def report_outputs():
+    tasks = [*rules.task_report.output] if TASK_NAMES else []
     return [
         *rules.ppl_table.output,
         *rules.attention_report.output,
         *rules.sinks_report.output,
         *rules.needle_report.output,
+        *tasks,
         *rules.html_report.output,
     ]
+
+
+# --- synthetic tasks (rules/tasks.smk) -------------------------------------------------------------
+TASK_NAMES = rlconfig.enabled_tasks(config)
+
+
+def task_cells():
+    return [
+        f"results/tasks/task={t}/model={m}/method={x}/length={n}/depth={d}.parquet"
+        for t, m, x, n, d in rlconfig.task_cells(config)
+    ]
+
+
+def task_charts(ext):
+    """One heatmap per model x task (models outer: the order aggregate-tasks pairs them)."""
+    return [f"results/figures/tasks_{t}_{m}.{ext}" for m in MODELS for t in TASK_NAMES]
+
+
+def task_haystack(wildcards):
+    """The task's corpus file ([] for the passkey filler), as cell_data does for needle cells."""
+    from ropelens.tasks import FILLER
+
+    name = rlconfig.task_entry(config, wildcards.task)["haystack"]
+    if name == FILLER:
+        return []
+    wc = dict(wildcards.items())
+    cell = f"results/tasks/task={wc['task']}/{CELL_PATHS['needle'].format(**wc)}"
+    path = corpus_file(name)
+    if Path(cell).exists() and not Path(path).exists():
+        return ancient(before_update(path))
+    return ancient(path)
+
+
+def task_data_spec(wildcards):
+    """The definition of the task's haystack (a param: a changed corpus reruns its cells)."""
+    name = rlconfig.task_entry(config, wildcards.task)["haystack"]
+    return q(config["corpora"].get(name, name))
 
 
 # --- the toy zoo (rules/toy.smk): what a train block reads --------------------------------------

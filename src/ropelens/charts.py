@@ -176,9 +176,10 @@ def js_chart(js, model: str):
     ).properties(title=f"{model}: JS divergence from the reference, mean over layers")
 
 
-def needle_heatmap(cells, model: str):
+def needle_heatmap(cells, model: str, what: str = "needle retrieval"):
     """Fig. 4/5: length × depth per method; green pass / red fail (grey: no result), each cell
-    annotated with its mean attention entropy, a dashed rule at the continual-pretraining length."""
+    annotated with its mean attention entropy, a dashed rule at the continual-pretraining length.
+    ``what`` names the task in the title (task cells: :func:`task_heatmap`)."""
     import altair as alt
     import pandas as pd
 
@@ -230,10 +231,17 @@ def needle_heatmap(cells, model: str):
         )
         .facet(facet=alt.Facet("method:N", title=None), columns=3)
         .properties(
-            title=f"{model}: needle retrieval by requested depth{placed} (cell text: mean "
+            title=f"{model}: {what} by requested depth{placed} (cell text: mean "
             "attention entropy; dashed: right edge of the continual-pretraining length)"
         )
     )
+
+
+def task_heatmap(cells, model: str, task: str):
+    """The needle heatmap of one synthetic task's cells (:mod:`ropelens.taskcells`): pass/fail
+    per method over length × depth of the first planted span, annotated with mean entropy."""
+    df = cells[cells["task"] == task]
+    return needle_heatmap(df, model, what=task.replace("_", "-"))
 
 
 def strata_chart(summary, strata, model: str):

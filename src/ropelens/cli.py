@@ -347,6 +347,64 @@ def cmd_aggregate_needle(args) -> int:
     return 0
 
 
+def cmd_task(args) -> int:
+    import pyarrow.parquet as pq
+
+    from ropelens import needle, schemas, taskcells
+
+    _threads(args.threads)
+    settings = {"format": "auto", **args.settings}
+    haystack = pq.read_table(args.haystack).column("text").to_pylist() if args.haystack else None
+    loaded, t0, load_s = _load_timed(args.spec)
+    rows = taskcells.run_cell(
+        loaded.model, loaded.tokenizer, args.task, haystack, args.length, args.depth, settings
+    )
+    n = len(rows["depth"])
+    rows["registry_method"] = [args.spec["registry"]] * n
+    rows["prompt_format"] = [needle.resolve_format(loaded.tokenizer, settings["format"])] * n
+    _write_cell(rows, n, schemas.TASKS, args, loaded, t0, load_s)
+    status = rows["status"][0]
+    verdict = ("pass" if rows["passed"][0] else "fail") if status == "ok" else ""
+    print(
+        f"{args.out}: {status} {verdict} answer={rows['answer'][0]} "
+        f"generated={rows['generated'][0]!r} mean entropy={rows['mean_entropy'][0]}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_aggregate_tasks(args) -> int:
+    from ropelens import charts, taskcells
+
+    cells = taskcells.cell_frame(args.cells)
+    prefix = Path(args.prefix)
+    for name, df in taskcells.tables(cells).items():
+        _write_frame(df, prefix.with_name(prefix.name + name))
+    for (model, task), html, png in zip(_pairs(args.models, args.tasks), args.html, args.png):
+        charts.save(charts.task_heatmap(cells, model, task), html, png)
+    print(f"aggregated {len(args.cells)} task cells", file=sys.stderr)
+    return 0
+
+
+def _pairs(models, tasks):
+    """(model, task) in the order the workflow lists chart files: models outer, tasks inner."""
+    return [(m, t) for m in models for t in tasks]
+
+
+def _write_frame(df, out: Path) -> None:
+    """A table as Parquet, CSV and Markdown next to each other, each atomically."""
+    import pyarrow as pa
+
+    from ropelens.io import write_table
+    from ropelens.retrieval import markdown
+
+    write_table(pa.Table.from_pandas(df, preserve_index=False), f"{out}.parquet")
+    df.to_csv(f"{out}.csv.tmp", index=False)
+    Path(f"{out}.csv.tmp").replace(f"{out}.csv")
+    Path(f"{out}.md.tmp").write_text(markdown(df))
+    Path(f"{out}.md.tmp").replace(f"{out}.md")
+
+
 def _is_mean(table):
     import pyarrow.compute as pc
 
@@ -537,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--strata-png", nargs="*", default=[], help="AUROC-by-length PNG per model")
     s.set_defaults(func=cmd_aggregate_needle)
 
+    _task_commands(sub)
     from ropelens import toy
 
     toy.add_commands(sub)
@@ -597,6 +656,35 @@ INPUT_COLUMNS = {  # argument -> columns its Parquet must have, and what it is
     "haystack": (("text",), "a materialised corpus (`ropelens corpus`)"),
 }
 SPEC_KEYS = ("model", "method", "source", "pretrained_length", "registry", "params")
+CELL_COMMANDS = ("ppl", "attention", "needle", "task")
+
+
+def _task_commands(sub) -> None:
+    from ropelens.tasks import TASKS
+
+    s = sub.add_parser(
+        "task", help="compute one synthetic task cell (passkey, multi-key, ...) with attention"
+    )
+    s.add_argument("--task", choices=TASKS, required=True, help="which task")
+    s.add_argument("--spec", type=_json, required=True, help="JSON cell spec (model + method)")
+    s.add_argument("--settings", type=_json, required=True, help="JSON task settings")
+    s.add_argument("--haystack", help="haystack corpus Parquet (column text); none: the filler")
+    s.add_argument("--length", type=_positive_int, required=True, help="prompt length in tokens")
+    s.add_argument("--depth", type=_depth, required=True, help="depth of the first planted span")
+    s.add_argument("--out", required=True, help="output cell Parquet")
+    s.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    s.set_defaults(func=cmd_task)
+
+    s = sub.add_parser(
+        "aggregate-tasks", help="task pass rates, entropy-failure, distractor and hop tables"
+    )
+    s.add_argument("cells", nargs="*", help="task cell Parquet files")
+    s.add_argument("--prefix", required=True, help="writes PREFIX.*, PREFIX_entropy.*, ...")
+    s.add_argument("--models", nargs="*", default=[], help="models to chart")
+    s.add_argument("--tasks", nargs="*", default=[], help="tasks to chart")
+    s.add_argument("--html", nargs="*", default=[], help="heatmap HTML per model x task")
+    s.add_argument("--png", nargs="*", default=[], help="heatmap PNG per model x task")
+    s.set_defaults(func=cmd_aggregate_tasks)
 
 
 def check_arguments(args) -> None:
@@ -613,7 +701,7 @@ def check_arguments(args) -> None:
     for out in filter(None, outs):
         _check_output(Path(out))
     spec = getattr(args, "spec", None)
-    if isinstance(spec, dict) and args.command in ("ppl", "attention", "needle", "continual"):
+    if isinstance(spec, dict) and args.command in CELL_COMMANDS + ("continual",):
         missing = [k for k in SPEC_KEYS if k not in spec]
         source = spec.get("source")
         if not missing and not (isinstance(source, dict) and ("path" in source or "hub" in source)):
@@ -624,11 +712,12 @@ def check_arguments(args) -> None:
                 "(the command is in the cell's log, or `snakemake -p -n <cell>`)"
             )
     settings = getattr(args, "settings", None)
-    if isinstance(settings, dict) and args.command in ("ppl", "attention", "needle"):
+    if isinstance(settings, dict) and args.command in CELL_COMMANDS:
         from ropelens import config
 
-        props = config.schema()["properties"][args.command]["properties"]
-        grid = config.GRID_KEYS.get(args.command, ())
+        section = "tasks" if args.command == "task" else args.command
+        props = config.schema()["properties"][section]["properties"]
+        grid = config.TASK_GRID_KEYS if section == "tasks" else config.GRID_KEYS.get(section, ())
         missing = [k for k, p in props.items() if "default" in p and k not in grid]
         missing = [k for k in missing if k not in settings]
         if missing:

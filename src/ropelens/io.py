@@ -60,15 +60,20 @@ def read_cells(paths, schema):
     return pa.concat_tables(tables)
 
 
-CELL_KINDS = ("ppl", "attention", "needle")
+CELL_KINDS = ("ppl", "attention", "needle", "tasks")
 
 
 def cell_schema(path: str | os.PathLike):
-    """The declared schema of a cell from its path (``.../ppl/model=.../...``), or None."""
+    """The declared schema of a cell from its path (``.../ppl/model=.../...``,
+    ``.../tasks/task=.../model=...``), or None."""
     from ropelens import schemas
 
     parts = Path(path).parts
-    kinds = [p for p, nxt in zip(parts, parts[1:]) if p in CELL_KINDS and nxt.startswith("model=")]
+    kinds = [
+        p
+        for p, nxt in zip(parts, parts[1:])
+        if p in CELL_KINDS and nxt.startswith("task=" if p == "tasks" else "model=")
+    ]
     return getattr(schemas, kinds[-1].upper()) if kinds else None
 
 
@@ -80,7 +85,7 @@ def check_cell(path: str | os.PathLike, schema=None):
 
     schema = schema if schema is not None else cell_schema(path)
     if schema is None:
-        return None, "not under a ppl/, attention/ or needle/ cell folder"
+        return None, "not under a ppl/, attention/, needle/ or tasks/ cell folder"
     try:
         t = pq.read_table(path, partitioning=None)
     except (OSError, pa.ArrowException) as e:

@@ -218,7 +218,9 @@ def _dataset_missing(key: str, corpus: dict) -> str | None:
 # --- cells whose file lost its end ---------------------------------------------------------------
 
 
-def damaged_cells(root: str | os.PathLike = "results", kinds=("ppl", "attention", "needle")):
+def damaged_cells(
+    root: str | os.PathLike = "results", kinds=("ppl", "attention", "needle", "tasks")
+):
     """Cell files under ``root`` that do not start and end with Parquet's magic bytes."""
     bad = []
     for kind in kinds:

@@ -121,6 +121,27 @@ SECTIONS: list[Section] = [
     ),
 ]
 
+SECTIONS.append(
+    Section(
+        "tasks",
+        "Passkey, multi-key, multi-value and variable tracking",
+        caption="tasks.rst",
+        summary="Synthetic long-context tasks: pass/fail over length × depth per method, "
+        "annotated with the mean attention entropy.",
+        figures=("tasks_*.html",),
+    )
+)
+SECTIONS.append(
+    Section(
+        "tasks_tables",
+        "Synthetic tasks: entropy, distractors and hops",
+        caption="tasks_table.rst",
+        summary="Pass rates, entropy of passing vs failing task cells, attention mass on "
+        "distractors (multi-key) and on each hop (variable tracking).",
+        tables=("tasks.parquet", "tasks_*.parquet"),
+    )
+)
+
 OTHER = Section("other", "Other results", summary="Aggregates no section above claims.")
 
 # Files that belong to a table or chart named elsewhere (siblings), never shown on their own.

@@ -123,3 +123,42 @@ NEEDLE = pa.schema(
         pa.field("needle_mass", pa.float64()),
     ]
 )
+
+# synthetic task cells (ropelens.tasks, ropelens.taskcells): the span_* lists are the planted
+# sentences (the same on every row), span_mass each one's attention mass on that row's head
+TASKS = pa.schema(
+    GRID
+    + METHOD_INFO
+    + [
+        pa.field("registry_method", pa.string()),
+        pa.field("prompt_format", pa.string()),
+        pa.field("task", pa.string()),  # ropelens.tasks.TASKS
+        pa.field("depth", pa.float64()),
+        pa.field("actual_depth", pa.float64()),  # where the first span landed
+        pa.field("placement", pa.string()),
+        pa.field("prompt_tokens", pa.int64()),
+        pa.field("answer", pa.string()),  # the expected value(s), ", "-joined
+        pa.field("distractor_answers", pa.string()),  # the distractors' values (multi_key)
+        pa.field("span_kind", pa.list_(pa.string())),  # needle, distractor, value, hop
+        pa.field("span_index", pa.list_(pa.int64())),  # index among its kind (hop number)
+        pa.field("span_start", pa.list_(pa.int64())),
+        pa.field("span_end", pa.list_(pa.int64())),
+        pa.field("generated", pa.string()),
+        pa.field("predicted", pa.string()),  # numbers read from the generation, ","-joined
+        pa.field("score", pa.float64()),
+        pa.field("passed", pa.bool_()),
+        pa.field("predicted_distractor", pa.bool_()),  # the first number is a distractor's
+        pa.field("status", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("mean_entropy", pa.float64()),
+        pa.field("mean_target_mass", pa.float64()),
+        pa.field("mean_distractor_mass", pa.float64()),
+        pa.field("answering_queries", pa.int64()),
+        pa.field("layer", pa.int32()),
+        pa.field("head", pa.int32()),
+        pa.field("entropy", pa.float64()),
+        pa.field("target_mass", pa.float64()),  # summed over the spans that hold the answer
+        pa.field("distractor_mass", pa.float64()),  # summed over the distractor spans
+        pa.field("span_mass", pa.list_(pa.float64())),  # per span, in span_* order
+    ]
+)
