@@ -47,6 +47,10 @@ HOW = {
     "python bench/slurm_roundtrip.py --repeats 3 --chain 4": "flags",
     "HF_HUB_OFFLINE=1 snakemake -n --configfile configs/smollm2.yaml": "run",
     "HF_HUB_OFFLINE=1 snakemake -n --configfile configs/smollm2-long.yaml": "run",
+    "snakemake --cores 2 --configfile config.yaml configs/tasks.yaml": "dry",
+    "HF_HUB_OFFLINE=1 snakemake -n --configfile configs/smollm2.yaml configs/tasks-smollm2.yaml": (
+        "run"
+    ),
     "python bench/smollm2.py --cores 2 --workdir /tmp/bench_smollm2"
     " --out bench/results/smollm2.md": "flags",
 }
