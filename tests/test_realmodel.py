@@ -349,3 +349,32 @@ def test_report_lists_models_converted_from_gguf(tmp_path):
     html = report.gguf_sources_html(tmp_path)
     assert "smollm2" in html and "p-dist 1.2" in html and "ab" * 32 in html
     assert report.gguf_sources_html(tmp_path / "none") == ""
+
+
+# --- synthetic tasks (issue 18) -----------------------------------------------------------------
+
+
+def test_task_prompts_keep_their_spans_exact_in_the_chat_format(loaded):
+    from ropelens import tasks
+
+    tok = loaded.tokenizer
+    for task in tasks.TASKS:
+        p = tasks.build(tok, task, haystack(), 400, 50, 1, fmt="chat")
+        assert len(p.input_ids) == 400
+        assert all(tok.decode(p.input_ids[s.start : s.end]) == s.text for s in p.spans)
+        stem = tasks.TEMPLATES[task].chat_answer_start.split("{")[0]
+        assert tok.decode(p.input_ids).startswith("<|im_start|>")
+        assert stem in tok.decode(p.input_ids[-16:])
+
+
+def test_passkey_task_cell_passes_in_the_chat_format(smollm2, tmp_path):
+    out = tmp_path / "passkey.parquet"
+    settings = {"seed": 0, "format": "auto", "memory_budget_mb": 16}
+    argv = ["task", "--task", "passkey", "--spec", json.dumps(spec(smollm2))]
+    argv += ["--settings", json.dumps(settings), "--length", "256", "--depth", "50"]
+    assert cli.main(argv + ["--out", str(out)]) == 0
+    cell = pq.read_table(out).to_pandas()
+    first = cell.iloc[0]
+    assert (first.prompt_format, first.status, len(cell)) == ("chat", "ok", LAYERS * HEADS)
+    assert first.passed, first.generated  # the instruct model reads the pass key back
+    assert cell["target_mass"].max() > 0.1 and cell["distractor_mass"].isna().all()
