@@ -7,7 +7,7 @@ import pytest
 from ropelens import schemas
 from ropelens.io import check_cell
 
-from .conftest import job_counts
+from .conftest import REPO, job_counts
 from .test_workflow import MICRO, write_config
 
 pytestmark = pytest.mark.workflow
@@ -70,3 +70,18 @@ def test_task_cells_and_tables(tasks_run):
 def test_rerun_is_a_noop(tasks_run, snakemake):
     workdir, args, _ = tasks_run
     assert job_counts(snakemake(workdir, *args, "-n", *TARGETS)) == {}
+
+
+def test_report_shows_the_task_sections(tasks_run, tmp_path):
+    from ropelens import cli
+
+    workdir, _, _ = tasks_run
+    files = sorted(str(p) for p in (workdir / "results/tables").glob("tasks*.parquet"))
+    files += sorted(str(p) for p in (workdir / "results/figures").glob("tasks_*.html"))
+    out = tmp_path / "report.html"
+    captions = str(REPO / "report")
+    assert cli.main(["report", *files, "--out", str(out), "--captions", captions]) == 0
+    page = out.read_text()
+    assert "Passkey, multi-key, multi-value and variable tracking" in page
+    assert "Synthetic tasks: entropy, distractors and hops" in page
+    assert "Other results" not in page  # every task file has its section
