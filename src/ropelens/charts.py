@@ -58,20 +58,14 @@ def save(chart, html: str | Path, png: str | Path | None = None, scale: float = 
 
     The Vega-Lite spec goes next to the HTML as ``<stem>.vl.json``: ``ropelens report`` embeds it.
     """
-    html = Path(html)
-    html.parent.mkdir(parents=True, exist_ok=True)
-    tmp = html.with_name(f".{html.name}.tmp")
-    chart.save(str(tmp), format="html", inline=True)
-    tmp.replace(html)
-    spec = html.with_suffix(".vl.json")
-    tmp = spec.with_name(f".{spec.name}.tmp")
-    tmp.write_text(chart.to_json(indent=None))
-    tmp.replace(spec)
+    from ropelens.atomic import atomic_path, write_text
+
+    with atomic_path(html) as tmp:
+        chart.save(str(tmp), format="html", inline=True)
+    write_text(Path(html).with_suffix(".vl.json"), chart.to_json(indent=None))
     if png is not None:
-        png = Path(png)
-        tmp = png.with_name(f".{png.name}.tmp")
-        chart.save(str(tmp), format="png", scale_factor=scale)
-        tmp.replace(png)
+        with atomic_path(png) as tmp:
+            chart.save(str(tmp), format="png", scale_factor=scale)
 
 
 def attention_chart(df, model: str, lengths: list[int], coordinates: str = "position"):

@@ -321,6 +321,7 @@ def cmd_needle(args) -> int:
 
 def cmd_aggregate_needle(args) -> int:
     from ropelens import charts, retrieval
+    from ropelens.atomic import atomic_path, write_text
     from ropelens.io import write_table
 
     cells = retrieval.cell_frame(args.cells)
@@ -335,10 +336,9 @@ def cmd_aggregate_needle(args) -> int:
 
         out = prefix.with_name(prefix.name + name)
         write_table(pa.Table.from_pandas(df, preserve_index=False), f"{out}.parquet")
-        df.to_csv(f"{out}.csv.tmp", index=False)
-        Path(f"{out}.csv.tmp").replace(f"{out}.csv")
-        Path(f"{out}.md.tmp").write_text(retrieval.markdown(df))
-        Path(f"{out}.md.tmp").replace(f"{out}.md")
+        with atomic_path(f"{out}.csv") as tmp:
+            df.to_csv(tmp, index=False)
+        write_text(f"{out}.md", retrieval.markdown(df))
     for model, html, png in zip(args.models, args.html, args.png):
         charts.save(charts.needle_heatmap(cells, model), html, png)
     for model, html, png in zip(args.models, args.strata_html, args.strata_png):

@@ -334,19 +334,16 @@ def write_js_outputs(table, prefix) -> None:
     import pyarrow.compute as pc
     import pyarrow.csv as pacsv
 
+    from ropelens.atomic import atomic_path, write_text
     from ropelens.io import write_table
 
     prefix = Path(prefix)
     mean = table.filter(pc.equal(table.column("layer"), "mean"))
     write_table(mean, prefix.with_suffix(".parquet"))
     write_table(table, prefix.with_name(prefix.name + "_layers.parquet"))
-    for suffix, write in (
-        (".csv", lambda t: pacsv.write_csv(mean, t)),
-        (".md", lambda t: t.write_text(js_markdown(mean), encoding="utf-8")),
-    ):
-        tmp = prefix.with_suffix(suffix + ".tmp")
-        write(tmp)
-        tmp.replace(prefix.with_suffix(suffix))
+    with atomic_path(prefix.with_suffix(".csv")) as tmp:
+        pacsv.write_csv(mean, tmp)
+    write_text(prefix.with_suffix(".md"), js_markdown(mean))
 
 
 def plot_lengths(df, pretrained: int, requested: list[int] | None) -> list[int]:

@@ -30,6 +30,7 @@ import os
 import time
 from pathlib import Path
 
+from ropelens.atomic import atomic_path
 from ropelens.errors import ConfigError, RopelensError
 
 PROVENANCE = "ropelens_gguf.json"
@@ -156,18 +157,14 @@ def plain_model(config, state_dict):
 
 def convert(source: dict, out: str | os.PathLike, base_dir: str | os.PathLike = ".") -> dict:
     """Convert the GGUF ``source`` into a Hugging Face directory ``out`` (written atomically)."""
-    from ropelens.models import _replace_dir
-
     t0 = time.perf_counter()
     path = check(source, "gguf", base_dir)
     config, tokenizer, state = load_gguf(path)
     model = plain_model(config, state)
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    prov = provenance(source, path)
-    prov["seconds"] = round(time.perf_counter() - t0, 2)
-    (tmp / PROVENANCE).write_text(json.dumps(prov, indent=2, sort_keys=True) + "\n")
-    _replace_dir(tmp, out)
+    with atomic_path(out, folder=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        prov = provenance(source, path)
+        prov["seconds"] = round(time.perf_counter() - t0, 2)
+        (tmp / PROVENANCE).write_text(json.dumps(prov, indent=2, sort_keys=True) + "\n")
     return prov

@@ -3,38 +3,23 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
+from ropelens.atomic import atomic_path
 from ropelens.errors import DataError
 
 
 def write_table(table, out: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Write ``table`` to ``out`` atomically: a temp file in the same folder, then rename."""
+    """Write ``table`` to ``out`` atomically (:mod:`ropelens.atomic`)."""
     import pyarrow.parquet as pq
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if metadata:
         merged = dict(table.schema.metadata or {})
         merged.update({k.encode(): str(v).encode() for k, v in metadata.items()})
         table = table.replace_schema_metadata(merged)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         pq.write_table(table, tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; cells are shared results
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return Path(out)
 
 
 def write_cell(rows: dict, schema, out: str | os.PathLike, metadata: dict | None = None) -> Path:

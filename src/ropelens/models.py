@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ropelens import methods
+from ropelens.atomic import atomic_path
 from ropelens.errors import RopelensError
 
 
@@ -156,17 +157,7 @@ def make_tiny(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    _replace_dir(tmp, out)
-    return out
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    import shutil
-
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_path(out_dir, folder=True) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return Path(out_dir)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ropelens import __version__
+from ropelens.atomic import write_text
 from ropelens.errors import DataError
 
 # --- the registry ----------------------------------------------------------------------------
@@ -832,8 +833,4 @@ def render(
 </body>
 </html>
 """
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return write_text(out, page)

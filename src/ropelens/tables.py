@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from ropelens import schemas
+from ropelens.atomic import atomic_path, write_text
 from ropelens.io import read_cells, write_table
 
 
@@ -55,9 +56,6 @@ def write_outputs(table, prefix: str | Path, value: str, fmt: str = "{:.2f}") ->
 
     prefix = Path(prefix)
     write_table(table, prefix.with_suffix(".parquet"))
-    tmp = prefix.with_suffix(".csv.tmp")
-    pacsv.write_csv(table, tmp)
-    tmp.replace(prefix.with_suffix(".csv"))
-    tmp = prefix.with_suffix(".md.tmp")
-    tmp.write_text(markdown_pivot(table, value, fmt))
-    tmp.replace(prefix.with_suffix(".md"))
+    with atomic_path(prefix.with_suffix(".csv")) as tmp:
+        pacsv.write_csv(table, tmp)
+    write_text(prefix.with_suffix(".md"), markdown_pivot(table, value, fmt))

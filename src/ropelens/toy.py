@@ -495,21 +495,14 @@ def train(model, tokenizer, settings: dict, length: int, corpus_path, haystack_p
 
 
 def _write_model(model, tokenizer, out, summary: dict) -> Path:
-    """Save model + tokenizer + training summary to ``out`` atomically (temp dir, then rename)."""
-    import shutil
-
+    """Save model + tokenizer + training summary to ``out`` atomically (:mod:`ropelens.atomic`)."""
     import torch
     import transformers
 
     from ropelens import __version__
-    from ropelens.models import _replace_dir
+    from ropelens.atomic import atomic_path
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
+    with atomic_path(out, folder=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         summary = {
@@ -522,11 +515,7 @@ def _write_model(model, tokenizer, out, summary: dict) -> Path:
             },
         }
         (tmp / "ropelens_train.json").write_text(json.dumps(summary, indent=1) + "\n")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def _setup(settings: dict, device: str):
