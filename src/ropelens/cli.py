@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from ropelens import __version__
-from ropelens.errors import RopelensError
+from ropelens.errors import RopelensError, is_out_of_memory
 
 
 def _json(text: str) -> dict:
@@ -621,11 +621,7 @@ def main(argv: list[str] | None = None) -> int:
 
             traceback.print_exc()
         print(f"ropelens: error: {explain(e, args)}", file=sys.stderr)
-        return 2 if isinstance(e, RopelensError) else 3 if _is_oom(e) else 1
-
-
-def _is_oom(e: Exception) -> bool:
-    return "out of memory" in str(e).lower()
+        return 2 if isinstance(e, RopelensError) else 3 if is_out_of_memory(e) else 1
 
 
 def explain(e: Exception, args) -> str:
@@ -634,7 +630,7 @@ def explain(e: Exception, args) -> str:
         return str(e)
     first = (str(e).strip().splitlines() or [""])[0]
     cell = f" for {args.out}" if getattr(args, "out", None) else ""
-    if _is_oom(e):
+    if is_out_of_memory(e):
         return f"out of memory{cell}: {first}; give the job more memory or a shorter length"
     if isinstance(e, KeyError):
         return (

@@ -39,7 +39,7 @@ def run_cell(model, tokenizer, haystack, length: int, depth: float, settings: di
     """Column lists of one needle cell (without the grid/method columns)."""
     from ropelens import needle
     from ropelens.attention import StatsSpec
-    from ropelens.errors import DataError
+    from ropelens.errors import DataError, is_out_of_memory
 
     template = needle.Template(**settings.get("template", {}))
     seed = needle.cell_seed(length, depth, settings.get("seed", 0))
@@ -63,8 +63,8 @@ def run_cell(model, tokenizer, haystack, length: int, depth: float, settings: di
         new, stats = _greedy_recorded(
             model, prompt.input_ids, max_new, tokenizer.eos_token_id, spec
         )
-    except Exception as e:  # CUDA OOM is a RuntimeError subclass; CPU raises RuntimeError too
-        if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
+    except Exception as e:
+        if is_out_of_memory(e):
             error = str(e).strip().splitlines()[0]
             return _failed_cell(length, depth, "oom", error, prompt, placement)
         raise
