@@ -60,8 +60,6 @@ rlconfig.export_job_environment(
         else sys.executable
     ),
 )
-RL = "python -m ropelens"
-ENV = "../envs/ropelens.yaml"
 
 PAIRS = rlconfig.model_method_pairs(config)
 MODELS = list(config["models"])

@@ -1,8 +1,8 @@
-# What a cell asks a cluster for (config `resources:`, see profiles/slurm). A cell rule uses
+# What a cell asks a cluster for: the Snakemake glue over ropelens.resources (tiers by length,
+# growth on retry, the bundle group, checks of given values and of sinfo). A cell rule uses
 #
 #     resources:
-#         mem_mb=cell_mem_mb, runtime=cell_runtime, gpu=cell_gpu, gpu_model=cell_gpu_model,
-#         slurm_partition=cell_partition, cell_slots=1,
+#         **CELL_RESOURCES,
 #     group: cell_group
 #
 # mem_mb, runtime, GPUs, GPU type and partition come from the tier of the cell's length; each retry
@@ -13,8 +13,9 @@
 # is how many bundled cells run at once inside one job; it never limits the workflow as a whole.
 # Resources never rerun a cell: they are not params.
 
-import subprocess
 from functools import cache
+
+from ropelens import resources as rlresources
 
 
 resource_scopes:
@@ -22,48 +23,26 @@ resource_scopes:
 
 
 # --- profile / --default-resources / --set-resources: one line for a malformed value ------------
-def _raw(value):
-    """The text a resource was given as (None for a computed one we cannot show)."""
-    return getattr(value, "raw", value)  # None for a computed default (e.g. disk_mb)
-
-
 def _given_resources():
-    """(where, name, raw value) of every resource the profile or the command line gives."""
+    """(where, name, raw value) of every resource the profile or the command line gives (the raw
+    value is None for a computed default, e.g. disk_mb)."""
     rs = workflow.resource_settings
     given = []
     for name, value in (rs.default_resources or {}).items():
-        given.append((f"default-resources {name}", name, _raw(value)))
+        given.append((f"default-resources {name}", name, getattr(value, "raw", value)))
     for rule, res in (rs.overwrite_resources or {}).items():
         for name, value in res.items():
-            given.append((f"set-resources {rule}:{name}", name, _raw(value)))
+            given.append(
+                (f"set-resources {rule}:{name}", name, getattr(value, "raw", value))
+            )
     return given
 
 
-def _check_given_resources():
-    for where, name, value in _given_resources():
-        if value is None:
-            continue
-        try:
-            rlconfig.check_resource_value(name, value, where)
-        except ConfigError as e:
-            sys.exit(f"ropelens: resource error: {e}")
-
-
-_check_given_resources()
-
-
-def _given(name, rule=None):
-    """A literal resource from the profile / command line: set-resources of rule, else default."""
-    default = None
-    for where, key, value in _given_resources():
-        if key != name:
-            continue
-        text = str(value).strip().strip("'\"")
-        if where.startswith(f"set-resources {rule}:"):
-            return text
-        if where.startswith("default-resources"):
-            default = text
-    return default
+GIVEN_RESOURCES = _given_resources()
+try:
+    rlresources.check_given(GIVEN_RESOURCES)
+except ConfigError as e:
+    sys.exit(f"ropelens: resource error: {e}")
 
 
 # --- against the cluster: partitions and GPUs that exist (once, when submitting to Slurm) -------
@@ -75,72 +54,35 @@ def _on_cluster():
         return
     if "cell_slots" not in workflow.global_resources:
         workflow.register_resource("cell_slots", 1)
-    if plugin.name != "slurm":
-        return
-    try:
-        sinfo = subprocess.run(
-            ["sinfo", "-h", "-o", "%R|%G"], capture_output=True, text=True, timeout=30
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return
-    requests = []
-    res = config["resources"]
-    for key in ("cells", *rlconfig.CELL_RULES):
-        for i, tier in enumerate(res.get(key) or []):
-            requests.append(
-                (
-                    f"resources.{key}[{i}]",
-                    tier.get("partition") or _given("slurm_partition") or "",
-                    tier.get("gpus", 0),
-                    tier.get("gpu_model", ""),
-                )
-            )
-    for where, name, value in _given_resources():
-        text = str(value).strip().strip("'\"")
-        if name == "slurm_partition":
-            requests.append((where, text, 0, ""))
-        elif name == "gpu_model":
-            requests.append((where, _given("slurm_partition") or "", 1, text))
-    problem = rlconfig.slurm_offer_errors(requests, sinfo)
-    if problem:
-        sys.exit(f"ropelens: resource error: {problem}")
+    if plugin.name == "slurm":
+        problem = rlresources.cluster_problem(config, GIVEN_RESOURCES)
+        if problem:
+            sys.exit(f"ropelens: resource error: {problem}")
 
 
-def _cell(wildcards, attempt, rulename):
-    _on_cluster()
-    return rlconfig.cell_resources(
-        config, rulename or "cells", wildcards.length, attempt
-    )
+def _cell(name):
+    """Input function of one resource of a cell, from the tier of its length and its attempt."""
+
+    def resource(wildcards, attempt, rulename=None):
+        _on_cluster()
+        cell = rlresources.cell_resources(
+            config, rulename or "cells", wildcards.length, attempt, GIVEN_RESOURCES
+        )
+        return cell[name]
+
+    return resource
 
 
-def cell_mem_mb(wildcards, attempt, rulename=None):
-    return _cell(wildcards, attempt, rulename)["mem_mb"]
-
-
-def cell_runtime(wildcards, attempt, rulename=None):
-    return _cell(wildcards, attempt, rulename)["runtime"]
-
-
-def cell_gpu(wildcards, attempt, rulename=None):
-    return _cell(wildcards, attempt, rulename)["gpu"]
-
-
-def cell_gpu_model(wildcards, attempt, rulename=None):
-    return (
-        _cell(wildcards, attempt, rulename)["gpu_model"]
-        or _given("gpu_model", rulename)
-        or ""
-    )
-
-
-def cell_partition(wildcards, attempt, rulename=None):
-    tier = _cell(wildcards, attempt, rulename)["slurm_partition"]
-    return tier or _given("slurm_partition", rulename) or ""
+CELL_RESOURCES = {
+    name: _cell(name)
+    for name in ("mem_mb", "runtime", "gpu", "gpu_model", "slurm_partition")
+}
+CELL_RESOURCES["cell_slots"] = 1
 
 
 def cell_group(wildcards):
     _on_cluster()  # evaluated while the DAG is built, before any job is submitted
-    return rlconfig.cell_group(config, wildcards.length)
+    return rlresources.cell_group(config, wildcards.length)
 
 
 # Light rules run in the Snakemake process itself (on a login node): the aggregates read cells and

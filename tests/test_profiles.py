@@ -1,6 +1,6 @@
 """Profiles (profiles/local, profiles/slurm), cluster resources by length, and configs/paper.yaml.
 
-No Slurm needed: dry runs and the pure functions behind rules/resources.smk.
+No Slurm needed: dry runs and the pure functions behind rules/resources.smk (ropelens.resources).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from ropelens import config as rlconfig
+from ropelens import resources as rlresources
 from ropelens.errors import ConfigError
 from tests.conftest import job_counts
 from tests.test_incremental import MICRO, write_config
@@ -50,7 +51,7 @@ def test_profiles_parse_and_say_what_a_cluster_run_needs():
     assert slurm["executor"] == "slurm" and slurm["retries"] >= 1
     assert slurm["rerun-incomplete"] is True and slurm["keep-going"] is True
     groups = dict(g.split("=") for g in slurm["group-components"])
-    assert int(groups[rlconfig.BUNDLE_GROUP]) > 1
+    assert int(groups[rlresources.BUNDLE_GROUP]) > 1
     for key in ("mem_mb", "runtime"):
         assert slurm["default-resources"][key] > 0
 
@@ -78,19 +79,19 @@ def test_resources_grow_with_length_and_attempt(source):
     cfg = prepared(yaml.safe_load(PAPER.read_text()) if source == "paper" else MICRO)
     lengths = [2**k for k in range(6, 18)]  # 64 ... 128K
     for rule in ("ppl", "attention", "needle"):
-        res = [rlconfig.cell_resources(cfg, rule, n) for n in lengths]
+        res = [rlresources.cell_resources(cfg, rule, n) for n in lengths]
         mem = [r["mem_mb"] for r in res]
         runtime = [r["runtime"] for r in res]
         assert mem == sorted(mem) and mem[-1] > mem[0], (rule, mem)
         assert runtime == sorted(runtime) and runtime[-1] > runtime[0], (rule, runtime)
-        first, retry = (rlconfig.cell_resources(cfg, rule, 4096, a) for a in (1, 2))
+        first, retry = (rlresources.cell_resources(cfg, rule, 4096, a) for a in (1, 2))
         growth = cfg["resources"]["memory_growth"]
         assert retry["mem_mb"] >= first["mem_mb"] * growth > first["mem_mb"]
         assert retry["runtime"] > first["runtime"]
     if source == "paper":
-        assert all(rlconfig.cell_resources(cfg, "ppl", n)["gpu"] == 1 for n in lengths)
-        assert rlconfig.cell_group(cfg, 8192) == rlconfig.BUNDLE_GROUP
-        assert rlconfig.cell_group(cfg, 16384) is None
+        assert all(rlresources.cell_resources(cfg, "ppl", n)["gpu"] == 1 for n in lengths)
+        assert rlresources.cell_group(cfg, 8192) == rlresources.BUNDLE_GROUP
+        assert rlresources.cell_group(cfg, 16384) is None
 
 
 @pytest.mark.workflow
@@ -215,7 +216,7 @@ def test_malformed_profile_resources_are_one_line(tmp_path, snakemake, how, expe
 
 
 def test_resource_values_are_checked_literally_not_as_expressions():
-    check = rlconfig.check_resource_value
+    check = rlresources.check_resource_value
     for name, value in [
         ("mem_mb", "2000 * attempt"),
         ("mem_mb", 16000),
@@ -246,7 +247,7 @@ def test_resource_values_are_checked_literally_not_as_expressions():
 
 def test_cluster_offer_partition_gpus_and_gpu_type():
     sinfo = "debug|(null)\ngpu|gpu:a100:4,gpu:h100:2\ncpu|(null)\n"
-    offer = rlconfig.slurm_offer_errors
+    offer = rlresources.slurm_offer_errors
     assert (
         offer([("a", "gpu", 1, "a100"), ("b", "", 0, ""), ("c", "debug,cpu", 0, "")], sinfo) is None
     )
@@ -260,6 +261,30 @@ def test_cluster_offer_partition_gpus_and_gpu_type():
         [("w", "gpu", 1, "v100")], sinfo
     )
     assert offer([("w", "x", 1, "y")], "") is None  # no sinfo answer: nothing to say
+
+
+def test_given_resources_fill_what_a_tier_leaves_open_and_are_asked_of_the_cluster():
+    cfg = prepared({**MICRO, "resources": {"cells": [{"mem_mb": 1000, "runtime": 10, "gpus": 1}]}})
+    given = [
+        ("default-resources gpu_model", "gpu_model", "'a100'"),
+        ("default-resources slurm_partition", "slurm_partition", "gpu"),
+        ("set-resources ppl:slurm_partition", "slurm_partition", "long"),
+        ("default-resources disk_mb", "disk_mb", None),  # computed by Snakemake: no literal
+    ]
+    ppl = rlresources.cell_resources(cfg, "ppl", 64, 1, given)
+    attention = rlresources.cell_resources(cfg, "attention", 64, 1, given)
+    assert (ppl["gpu_model"], ppl["slurm_partition"]) == ("a100", "long")
+    assert (attention["gpu_model"], attention["slurm_partition"]) == ("a100", "gpu")
+    assert rlresources.cell_resources(cfg, "ppl", 64)["slurm_partition"] == ""  # nothing given
+    assert rlresources.cluster_requests(cfg, given) == [
+        ("resources.cells[0]", "gpu", 1, ""),
+        ("default-resources gpu_model", "gpu", 1, "a100"),
+        ("default-resources slurm_partition", "gpu", 0, ""),
+        ("set-resources ppl:slurm_partition", "long", 0, ""),
+    ]
+    rlresources.check_given(given)  # all well-formed
+    with pytest.raises(ConfigError, match="^set-resources ppl:gpu: 'x' is not a whole number"):
+        rlresources.check_given([*given, ("set-resources ppl:gpu", "gpu", "x")])
 
 
 # --- configs/paper.yaml --------------------------------------------------------------------------

@@ -77,9 +77,9 @@ def validate(cfg: dict) -> dict:
         err = jsonschema.exceptions.best_match(errors)
         # descend into oneOf failures of a single branch to name the real key
         raise ConfigError(_explain(err))
-    for key in ("depths", "runtime", "attention", "needle"):
+    for key in ("depths", "runtime", "attention", "needle", "resources"):
         cfg.setdefault(key, copy.deepcopy(schema()["properties"][key]["default"]))
-    for section in ("ppl", "runtime", "attention", "needle"):
+    for section in ("ppl", "runtime", "attention", "needle", "resources"):
         for key, sub in schema()["properties"][section]["properties"].items():
             if "default" in sub:
                 cfg[section].setdefault(key, sub["default"])
@@ -205,12 +205,12 @@ def check(cfg: dict, base_dir: str | os.PathLike = ".") -> None:
 
 
 def prepare(cfg: dict, base_dir: str | os.PathLike = ".") -> dict:
-    from ropelens import preflight
+    from ropelens import preflight, resources
 
     cfg = validate(cfg)
     check(cfg, base_dir)
     preflight.check(cfg, base_dir)  # what the config points at: models, labels (plan time)
-    prepare_resources(cfg)  # cluster resources (issue 6), see the block at the end
+    resources.prepare(cfg)  # cluster resources (issue 6): tiers by length
     return cfg
 
 
@@ -462,173 +462,6 @@ def export_job_environment(src_dir, python: str | None) -> None:
     if python:
         bins = [str(Path(python).parent)] + os.environ.get("PATH", "").split(os.pathsep)
         os.environ["PATH"] = os.pathsep.join(dict.fromkeys(bins))
-
-
-# --- cluster resources (issue 6) -----------------------------------------------------------------
-# What one cell asks a cluster for, by its context length (config `resources:`). Snakemake-free:
-# rules/resources.smk turns these into rule resources and checks profile / --set-resources values.
-
-CELL_RULES = ("ppl", "attention", "needle")
-DEFAULT_TIERS = [
-    {"max_length": 4096, "mem_mb": 2000, "runtime": 15},
-    {"max_length": 32768, "mem_mb": 8000, "runtime": 60},
-    {"mem_mb": 32000, "runtime": 240},
-]
-BUNDLE_GROUP = "cells"
-_PARTITION_RE = r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*"  # sbatch -p takes a comma-separated list
-_GPU_MODEL_RE = r"[A-Za-z0-9_.]+"  # what snakemake-executor-plugin-slurm accepts
-_FIXES = {
-    "partition": "a Slurm partition name has letters, digits, '_', '-' or '.' (see sinfo -s)",
-    "gpu_model": "use the cluster's GPU type, e.g. a100 (letters, digits, '_' or '.'; sinfo -o %G)",
-}
-
-
-def prepare_resources(cfg: dict) -> None:
-    """Fill the defaults of the ``resources`` section and check it (one-line ConfigError)."""
-    import re
-
-    res = cfg.setdefault("resources", {})
-    props = schema()["properties"]["resources"]["properties"]
-    for key in ("memory_growth", "runtime_growth", "bundle_max_length"):
-        res.setdefault(key, props[key]["default"])
-    res.setdefault("cells", copy.deepcopy(DEFAULT_TIERS))
-    longest = max(cfg["lengths"])
-    for key in ("cells", *CELL_RULES):
-        tiers = res.get(key)
-        for i, tier in enumerate(tiers or []):
-            where = f"resources.{key}[{i}]"
-            last = i == len(tiers) - 1
-            if "max_length" not in tier and not last:
-                raise ConfigError(
-                    f"{where}.max_length: missing; only the last tier may omit it (any longer cell)"
-                )
-            if i and tier.get("max_length", float("inf")) <= tiers[i - 1]["max_length"]:
-                raise ConfigError(
-                    f"{where}.max_length: {tier['max_length']} is not above the previous tier's "
-                    f"({tiers[i - 1]['max_length']}); list tiers from short to long"
-                )
-            for field in ("partition", "gpu_model"):
-                value = tier.get(field)
-                pattern = _PARTITION_RE if field == "partition" else _GPU_MODEL_RE
-                if value is not None and not re.fullmatch(pattern, value):
-                    raise ConfigError(f"{where}.{field}: {value!r} is malformed; {_FIXES[field]}")
-            if "gpu_model" in tier and tier.get("gpus", 0) < 1:
-                raise ConfigError(f"{where}.gpu_model: needs gpus >= 1 in the same tier")
-        if tiers and tiers[-1].get("max_length", longest) < longest:
-            raise ConfigError(
-                f"resources.{key}: no tier covers length {longest}; "
-                "raise the last tier's max_length or omit it (any longer cell)"
-            )
-    bundled = [n for n in cfg["lengths"] if n <= res["bundle_max_length"]]
-    kinds = {
-        (t.get("partition", ""), t.get("gpu_model", ""))
-        for rule in CELL_RULES
-        for t in (cell_tier(cfg, rule, n) for n in bundled)
-    }
-    if len(kinds) > 1:
-        shown = ", ".join(sorted(f"{p or '-'}/{g or '-'}" for p, g in kinds))
-        raise ConfigError(
-            f"resources.bundle_max_length: bundled cells (<= {res['bundle_max_length']} tokens) "
-            f"mix partitions/GPU types ({shown}); give their tiers one partition and gpu_model "
-            "or lower bundle_max_length"
-        )
-
-
-def cell_tier(cfg: dict, rule: str, length: int) -> dict:
-    res = cfg["resources"]
-    tiers = res.get(rule) or res["cells"]
-    return next(t for t in tiers if length <= t.get("max_length", length))
-
-
-def cell_resources(cfg: dict, rule: str, length: int, attempt: int = 1) -> dict:
-    """Slurm resources of one cell: mem_mb and runtime (minutes) grow with the retry attempt."""
-    import math
-
-    res = cfg["resources"]
-    tier = cell_tier(cfg, rule, int(length))
-    retry = max(0, int(attempt) - 1)
-    return {
-        "mem_mb": math.ceil(tier["mem_mb"] * res["memory_growth"] ** retry),
-        "runtime": math.ceil(tier["runtime"] * res["runtime_growth"] ** retry),
-        "gpu": tier.get("gpus", 0),
-        "gpu_model": tier.get("gpu_model", ""),
-        "slurm_partition": tier.get("partition", ""),
-    }
-
-
-def cell_group(cfg: dict, length: int) -> str | None:
-    """Group of a cell: short cells join BUNDLE_GROUP (bundled by --group-components)."""
-    return BUNDLE_GROUP if int(length) <= cfg["resources"]["bundle_max_length"] else None
-
-
-def check_resource_value(name: str, value, where: str) -> None:
-    """Check a resource a profile, --default-resources or --set-resources gives (one line).
-
-    Expressions (e.g. ``2000 * attempt``) are left to Snakemake; literals are checked here.
-    """
-    import re
-
-    text = str(value).strip().strip("'\"")
-    if _is_expression(text):
-        return
-    if name in ("slurm_partition", "gpu_model"):
-        field = "partition" if name == "slurm_partition" else "gpu_model"
-        pattern = _PARTITION_RE if field == "partition" else _GPU_MODEL_RE
-        if text and not re.fullmatch(pattern, text):
-            raise ConfigError(f"{where}: {text!r} is malformed; {_FIXES[field]}")
-    elif name in ("gpu", "gpus", "cpus_per_task", "cpus_per_gpu", "nodes", "tasks"):
-        if not re.fullmatch(r"\d+", text):
-            raise ConfigError(f"{where}: {text!r} is not a whole number >= 0; e.g. {name}=1")
-    elif name in ("mem_mb", "disk_mb", "runtime"):
-        unit = "minutes, e.g. runtime=120 or runtime=2h" if name == "runtime" else "MB, e.g. 16000"
-        ok = r"\d+(\.\d+)?" + (r"(\s*[a-zA-Z]+)?" if name == "runtime" else "")
-        if not re.fullmatch(ok, text) or not float(re.match(r"\d+(\.\d+)?", text)[0]) > 0:
-            raise ConfigError(f"{where}: {text!r} is not a positive number; give {unit}")
-    elif name in ("mem", "disk") and not re.fullmatch(r"\d+(\.\d+)?\s*[kKmMgGtT]?i?[bB]?", text):
-        raise ConfigError(f"{where}: {text!r} is not a size; give e.g. {name}=16G")
-
-
-def _is_expression(text: str) -> bool:
-    import re
-
-    return bool(re.search(r"\b(attempt|input|threads|wildcards)\b|[*+/()]", text))
-
-
-def slurm_offer_errors(requests: list[tuple[str, str, int, str]], sinfo: str) -> str | None:
-    """First problem of ``requests`` (where, partition, gpus, gpu_model) against a cluster.
-
-    ``sinfo`` is the output of ``sinfo -h -o '%R|%G'`` (partition | generic resources).
-    """
-    offer: dict[str, set[str]] = {}
-    for line in sinfo.splitlines():
-        if "|" in line:
-            part, gres = line.strip().split("|", 1)
-            offer.setdefault(part, set()).update(g for g in gres.split(",") if g != "(null)")
-    if not offer:
-        return None
-    default_parts = list(offer)
-    for where, partition, gpus, gpu_model in requests:
-        parts = [p for p in partition.split(",") if p] if partition else default_parts
-        for p in parts:
-            if p not in offer:
-                return (
-                    f"{where}: partition '{p}' does not exist on this cluster; "
-                    f"sinfo lists: {', '.join(sorted(offer))}"
-                )
-        gres = {g for p in parts for g in offer[p]}
-        gpu_gres = [g for g in gres if g.split(":")[0] == "gpu"]
-        if gpus and not gpu_gres:
-            return (
-                f"{where}: asks for {gpus} GPU(s) but partition(s) {', '.join(parts)} offer none "
-                "(sinfo -o %G); set gpus: 0 or pick a GPU partition"
-            )
-        types = {g.split(":")[1] for g in gpu_gres if g.count(":") >= 2}
-        if gpu_model and types and gpu_model not in types:
-            return (
-                f"{where}: GPU type '{gpu_model}' is not offered by {', '.join(parts)}; "
-                f"sinfo lists: {', '.join(sorted(types))}"
-            )
-    return None
 
 
 # Grid-level keys of a cell section: which cells exist and how aggregates draw them, not how a cell
