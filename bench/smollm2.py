@@ -67,7 +67,7 @@ def figures(work: Path, reference: str = "rope") -> list[str]:
     import pandas as pd
     import pyarrow.parquet as pq
 
-    from ropelens.report import stage_times
+    from ropelens.provenance import stage_times
 
     tables = work / "results/tables"
     out = ["", "### Perplexity (stdlib, truncate)", "", (tables / "ppl.md").read_text()]

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ropelens import charts, distributions, report, schemas, tables
+from ropelens import charts, distributions, provenance, report, schemas, tables
 from ropelens.cli import build_parser, main
 from ropelens.io import write_table
 
@@ -271,11 +271,23 @@ def test_tables_and_captions_rendered(aggregates):
     assert 'href="tables/ppl.csv"' in ppl and 'href="figures/ppl.png"' in ppl
 
 
+def test_a_table_is_one_frame_for_its_markdown_and_the_page(aggregates, tmp_path):
+    t = aggregates["root"] / "results/tables"
+    for name in ("ppl", "attention_js", "needle"):
+        shown = tables.read_shown(pq.read_schema(t / f"{name}.parquet").metadata)
+        assert shown and tables.to_markdown(shown) == (t / f"{name}.md").read_text(encoding="utf-8")
+    alone = tmp_path / "ppl.parquet"  # the page reads the Parquet only, never the Markdown
+    shutil.copy(t / "ppl.parquet", alone)
+    ppl = section(report.render([alone], tmp_path / "r.html").read_text(), "ppl")
+    assert "<h4>m — ppl (pretrained length 32)</h4>" in ppl
+    assert "<th>pi</th>" in ppl and "<td>480.00</td>" in ppl
+
+
 def test_provenance(aggregates):
     prov = section(aggregates["html"], "provenance")
     canonical = json.dumps(aggregates["config"], sort_keys=True, separators=(",", ":"))
     assert hashlib.sha256(canonical.encode()).hexdigest() in prov
-    times = {r["stage"]: r for r in report.stage_times(aggregates["root"] / "results")}
+    times = {r["stage"]: r for r in provenance.stage_times(aggregates["root"] / "results")}
     assert set(times) == {"ppl cells", "attention cells"}
     assert times["ppl cells"]["items"] == 2
     assert times["ppl cells"]["total_s"] == pytest.approx(10.5)

@@ -320,9 +320,9 @@ def cmd_needle(args) -> int:
 
 
 def cmd_aggregate_needle(args) -> int:
-    from ropelens import charts, retrieval
-    from ropelens.atomic import atomic_path, write_text
-    from ropelens.io import write_table
+    import pyarrow as pa
+
+    from ropelens import charts, retrieval, tables
 
     cells = retrieval.cell_frame(args.cells)
     prefix = Path(args.prefix)
@@ -332,13 +332,10 @@ def cmd_aggregate_needle(args) -> int:
         ("_entropy_strata", strata),
         ("_cpt", retrieval.cpt_table(cells)),
     ):
-        import pyarrow as pa
-
+        table = pa.Table.from_pandas(df, preserve_index=False)
+        shown = [tables.Shown(tables.text_frame(df))]
         out = prefix.with_name(prefix.name + name)
-        write_table(pa.Table.from_pandas(df, preserve_index=False), f"{out}.parquet")
-        with atomic_path(f"{out}.csv") as tmp:
-            df.to_csv(tmp, index=False)
-        write_text(f"{out}.md", retrieval.markdown(df))
+        tables.write_shown(table, out, shown, csv=lambda p, df=df: df.to_csv(p, index=False))
     for model, html, png in zip(args.models, args.html, args.png):
         charts.save(charts.needle_heatmap(cells, model), html, png)
     for model, html, png in zip(args.models, args.strata_html, args.strata_png):

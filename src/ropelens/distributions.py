@@ -290,41 +290,52 @@ def _js_values(layer: str, averaged: float, per_head: float, entropy: float) -> 
     )
 
 
-def js_markdown(table) -> str:
+def js_shown(table) -> list:
     """One pivot per (model, coordinates, reference): methods × lengths, both averages, the mean
-    over layers; each heading names the coordinates, the reference and the unit."""
+    over layers; each title names the coordinates, the reference and the unit
+    (:class:`ropelens.tables.Shown`)."""
+    import pandas as pd
+
+    from ropelens.tables import Shown
+
     df = table.to_pandas()
     df = df[df["layer"] == "mean"]
     df = df.assign(order=df["coordinates"].map(list(COORDINATES).index))
-    parts = []
+    shown = []
     keys = ["model", "order", "coordinates", "reference"]
     for (model, _, coords, ref), sub in df.groupby(keys, sort=True):
         pretrained = int(sub["pretrained_length"].iloc[0])
         lengths = sorted(sub["length"].unique())
-        lines = [
-            f"### {model} — JS divergence over {COORDINATE_NAMES[coords]} "
-            f"(nats, 0 … ln 2 = {LN2:.3f}); reference: {ref}",
-            "",
-            "Mean over layers. *avg*: heads averaged, then JS; *per-head*: mean over heads of "
-            "each head's JS.",
-            "",
-        ]
         header = ["method"]
         for n in lengths:
             tag = f"{n}" + (" (pt)" if n == pretrained else "")
             header += [f"{tag} avg", f"{tag} per-head"]
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "---|" * len(header))
         by = sub.set_index(["method", "length"])
+        rows = []
         for method in sorted(sub["method"].unique(), key=list(sub["method"]).index):
             cells = [method]
             for n in lengths:
                 for col in ("js_head_averaged", "js_per_head"):
                     v = by[col].get((method, n), math.nan)
                     cells.append("—" if v != v else f"{v:.4f}")
-            lines.append("| " + " | ".join(cells) + " |")
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts) + "\n"
+            rows.append(cells)
+        title = (
+            f"{model} — JS divergence over {COORDINATE_NAMES[coords]} "
+            f"(nats, 0 … ln 2 = {LN2:.3f}); reference: {ref}"
+        )
+        note = (
+            "Mean over layers. *avg*: heads averaged, then JS; *per-head*: mean over heads of "
+            "each head's JS."
+        )
+        shown.append(Shown(pd.DataFrame(rows, columns=header), title, note))
+    return shown
+
+
+def js_markdown(table) -> str:
+    """:func:`js_shown` as Markdown."""
+    from ropelens.tables import to_markdown
+
+    return to_markdown(js_shown(table))
 
 
 def write_js_outputs(table, prefix) -> None:
@@ -332,18 +343,14 @@ def write_js_outputs(table, prefix) -> None:
     from pathlib import Path
 
     import pyarrow.compute as pc
-    import pyarrow.csv as pacsv
 
-    from ropelens.atomic import atomic_path, write_text
     from ropelens.io import write_table
+    from ropelens.tables import write_shown
 
     prefix = Path(prefix)
     mean = table.filter(pc.equal(table.column("layer"), "mean"))
-    write_table(mean, prefix.with_suffix(".parquet"))
+    write_shown(mean, prefix, js_shown(mean))
     write_table(table, prefix.with_name(prefix.name + "_layers.parquet"))
-    with atomic_path(prefix.with_suffix(".csv")) as tmp:
-        pacsv.write_csv(mean, tmp)
-    write_text(prefix.with_suffix(".md"), js_markdown(mean))
 
 
 def plot_lengths(df, pretrained: int, requested: list[int] | None) -> list[int]:

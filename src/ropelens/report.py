@@ -6,15 +6,16 @@ section whose files are absent is omitted, and a file no section claims lands in
 so a new kind of aggregate shows up without touching this module (and gets its own section by
 adding one :class:`Section`).
 
-- **Tables**: a ``.parquet`` table is shown through its ``.md`` sibling (the curated pivot), or as
-  an HTML table when it has none; every table also has a collapsed view of all its columns and links
-  to its CSV / Parquet files.
+- **Tables**: a ``.parquet`` table is shown as the tables its aggregate chose for it
+  (:class:`ropelens.tables.Shown` in its metadata, the same its ``.md`` sibling holds), or as an
+  HTML table of its rows when it has none; every table also has a collapsed view of all its columns
+  and links to its CSV / Parquet files.
 - **Charts**: a chart ``X.html`` (written by :func:`ropelens.charts.save`) is embedded as its
   Vega-Lite spec ``X.vl.json``, rendered by Vega-Embed inlined in the page (no network needed), over
   its ``X.png`` as a base64 fallback that stays visible when JavaScript is off or a chart fails.
 - **Provenance**: config hash, package versions, hardware, the git commit of the checkout, and wall
-  time per stage (summed from cell metadata ``ropelens.load_seconds`` / ``compute_seconds`` and toy
-  training summaries ``ropelens_train.json``).
+  time per stage, gathered by :mod:`ropelens.provenance`.
+- **The page**: template, CSS and JavaScript are package data (``ropelens/assets/report.*``).
 
 This module never imports Snakemake.
 """
@@ -24,17 +25,15 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import fnmatch
-import hashlib
 import html
 import json
 import os
-import platform
 import re
-import subprocess
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ropelens import __version__
+from ropelens import __version__, provenance, tables
 from ropelens.atomic import write_text
 from ropelens.errors import DataError
 
@@ -272,63 +271,28 @@ def caption_html(section: Section, captions_dir: Path | None) -> str:
     return "".join(f'<p class="caption">{_inline_rst(" ".join(p.split()))}</p>' for p in paras)
 
 
-def markdown_tables_html(text: str) -> str:
-    """Headings, paragraphs and pipe tables (what :func:`ropelens.tables.markdown_pivot` writes)."""
-    parts: list[str] = []
-    lines = text.splitlines()
-    i = 0
-    while i < len(lines):
-        line = lines[i].strip()
-        if not line:
-            i += 1
-            continue
-        m = re.match(r"^(#{1,6})\s+(.*)$", line)
-        if m:
-            level = min(6, len(m.group(1)) + 1)
-            parts.append(f"<h{level}>{_inline_md(m.group(2))}</h{level}>")
-            i += 1
-            continue
-        if line.startswith("|"):
-            block = []
-            while i < len(lines) and lines[i].strip().startswith("|"):
-                block.append(lines[i].strip())
-                i += 1
-            parts.append(_pipe_table(block))
-            continue
-        para = []
-        while i < len(lines) and lines[i].strip() and not lines[i].strip().startswith(("|", "#")):
-            para.append(lines[i].strip())
-            i += 1
-        parts.append(f"<p>{_inline_md(' '.join(para))}</p>")
-    return "\n".join(parts)
-
-
-def _inline_md(text: str) -> str:
-    out = _esc(text)
-    out = re.sub(r"`(.+?)`", r"<code>\1</code>", out)
-    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", out)
-
-
-def _cells(row: str) -> list[str]:
-    return [c.strip() for c in row.strip().strip("|").split("|")]
-
-
-def _pipe_table(block: list[str]) -> str:
-    rows = [r for r in block if not re.fullmatch(r"\|?(\s*:?-+:?\s*\|)+\s*:?-*:?\s*\|?", r)]
-    if not rows:
-        return ""
-    head, body = _cells(rows[0]), [_cells(r) for r in rows[1:]]
-    thead = "".join(f"<th>{_inline_md(c)}</th>" for c in head)
-    tbody = "".join(
-        "<tr>"
-        + "".join(
-            f"<th>{_inline_md(c)}</th>" if j == 0 else _td(_inline_md(c), c)
-            for j, c in enumerate(r)
+def shown_html(shown) -> str:
+    """The tables an aggregate is shown as (:class:`ropelens.tables.Shown`, the same the ``.md``
+    file holds): a heading and note each, the first column as row headers."""
+    parts = []
+    for s in shown:
+        if s.title:
+            parts.append(f"<h4>{_esc(s.title)}</h4>")
+        if s.note:
+            parts.append(f"<p>{_esc(s.note)}</p>")
+        thead = "".join(f"<th>{_esc(c)}</th>" for c in s.frame.columns)
+        tbody = "".join(
+            "<tr>"
+            + "".join(
+                f"<th>{_esc(c)}</th>" if j == 0 else _td(_esc(c), c) for j, c in enumerate(row)
+            )
+            + "</tr>"
+            for row in s.frame.itertuples(index=False)
         )
-        + "</tr>"
-        for r in body
-    )
-    return f'<table class="data"><thead><tr>{thead}</tr></thead><tbody>{tbody}</tbody></table>'
+        parts.append(
+            f'<table class="data"><thead><tr>{thead}</tr></thead><tbody>{tbody}</tbody></table>'
+        )
+    return "\n".join(parts)
 
 
 _NUMBER = re.compile(r"[-+]?[\d.,]+(e[-+]?\d+)?%?|—|nan|inf")
@@ -387,7 +351,6 @@ def table_html(t: Table, base: Path) -> str:
         data = pq.read_table(t.parquet)
     except Exception as e:
         raise DataError(f"{t.parquet}: not a readable Parquet table ({e}); rebuild it") from None
-    md = t.parquet.with_suffix(".md")
     csv = t.parquet.with_suffix(".csv")
     links = " · ".join(_link(p, base) for p in (csv, t.parquet) if p.exists())
     summary = f"All columns of <code>{_esc(t.parquet.name)}</code> ({data.num_rows} rows)" + (
@@ -396,11 +359,8 @@ def table_html(t: Table, base: Path) -> str:
     full = f"<details><summary>{summary}</summary>{arrow_table_html(data)}</details>"
     if t.detail:
         return f'<div class="table detail" data-table="{_esc(t.name)}">{full}</div>'
-    main = (
-        markdown_tables_html(md.read_text(encoding="utf-8"))
-        if md.exists()
-        else arrow_table_html(data)
-    )
+    shown = tables.read_shown(data.schema.metadata)
+    main = shown_html(shown) if shown is not None else arrow_table_html(data)
     return f'<div class="table" data-table="{_esc(t.name)}">{main}{full}</div>'
 
 
@@ -446,168 +406,12 @@ def figure_html(fig: Figure, index: int, base: Path) -> tuple[str, str | None]:
     return figure, script
 
 
-# --- provenance ------------------------------------------------------------------------------
-
-PACKAGES = (
-    "ropelens",
-    "torch",
-    "transformers",
-    "snakemake",
-    "pyarrow",
-    "pandas",
-    "numpy",
-    "altair",
-    "vl-convert-python",
-    "datasets",
-    "tqdm",
-)
-
-
-def config_hash(config) -> str:
-    """SHA-256 of the resolved config as canonical JSON (sorted keys)."""
-    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def package_versions(names=PACKAGES) -> dict[str, str]:
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    out["ropelens"] = out.get("ropelens") or __version__
-    return out
-
-
-def hardware() -> dict[str, str]:
-    """CPU model, logical cores, memory and GPUs of the machine that builds the report."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "logical cores": str(os.cpu_count()),
-    }
-    try:
-        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        info["memory"] = f"{pages / 2**30:.1f} GiB"
-    except (ValueError, OSError, AttributeError):
-        pass
-    gpus = "none"
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpus = ", ".join(
-                torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())
-            )
-    except Exception:  # no torch, or a broken driver: the report still builds
-        gpus = "unknown"
-    info["gpus"] = gpus
-    return info
-
-
-def git_commit(folder: Path) -> str | None:
-    try:
-        proc = subprocess.run(
-            ["git", "-C", str(folder), "describe", "--always", "--dirty", "--abbrev=12"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if proc.returncode != 0:
-        return None
-    return proc.stdout.strip() or None
-
-
-_SKIP_DIRS = {"tables", "figures", "data"}
-
-
-def stage_times(results: Path | None, models: Path | None = None) -> list[dict]:
-    """Wall time per stage: cells per top-level folder of ``results`` (from their Parquet metadata)
-    and toy training runs under ``models`` (from ``ropelens_train.json``)."""
-    import pyarrow.parquet as pq
-
-    rows: list[dict] = []
-    if models is not None and Path(models).is_dir():
-        runs = sorted(Path(models).rglob("ropelens_train.json"))
-        seconds, devices = 0.0, set()
-        for p in runs:
-            try:
-                s = json.loads(p.read_text())
-            except (OSError, ValueError):
-                continue
-            seconds += float(s.get("seconds") or 0.0)
-            if s.get("device"):
-                devices.add(str(s["device"]))
-        if runs:
-            rows.append(
-                dict(
-                    stage="toy training",
-                    items=len(runs),
-                    load_s=None,
-                    compute_s=seconds,
-                    total_s=seconds,
-                    devices=", ".join(sorted(devices)) or "—",
-                )
-            )
-    if results is None or not Path(results).is_dir():
-        return rows
-    for folder in sorted(p for p in Path(results).iterdir() if p.is_dir()):
-        if folder.name in _SKIP_DIRS:
-            continue
-        n, load, compute, devices = 0, 0.0, 0.0, {}
-        for cell in sorted(folder.rglob("*.parquet")):
-            try:
-                meta = pq.read_schema(cell).metadata or {}
-            except Exception:
-                continue
-            meta = {k.decode(): v.decode() for k, v in meta.items()}
-            if "ropelens.compute_seconds" not in meta:
-                continue
-            n += 1
-            load += float(meta.get("ropelens.load_seconds", 0) or 0)
-            compute += float(meta["ropelens.compute_seconds"] or 0)
-            dev = meta.get("ropelens.device", "?")
-            devices[dev] = devices.get(dev, 0) + 1
-        if n:
-            rows.append(
-                dict(
-                    stage=f"{folder.name} cells",
-                    items=n,
-                    load_s=load,
-                    compute_s=compute,
-                    total_s=load + compute,
-                    devices=", ".join(f"{d} ×{c}" for d, c in sorted(devices.items())),
-                )
-            )
-    return rows
+# --- provenance (gathered by ropelens.provenance) --------------------------------------------
 
 
 def gguf_sources_html(models: Path | None) -> str:
     """Models converted from GGUF files (``ropelens_gguf.json`` under ``models``), if any."""
-    from ropelens.gguf import PROVENANCE
-
-    found = sorted(Path(models).rglob(PROVENANCE)) if models and Path(models).is_dir() else []
-    rows = []
-    for p in found:
-        try:
-            g = json.loads(p.read_text())
-        except (OSError, ValueError):
-            continue
-        package = f"{g.get('distribution')} {g.get('package_version')}" if "package" in g else "—"
-        rows.append((p.parent.name, g.get("file"), package, g.get("sha256"), g.get("seconds")))
+    rows = provenance.gguf_sources(models)
     if not rows:
         return ""
     head = "".join(
@@ -643,12 +447,12 @@ def provenance_html(
         "ropelens": __version__,
     }
     if config is not None:
-        run["config hash (sha256)"] = config_hash(config)
-    commit = git_commit(source) if source is not None else None
+        run["config hash (sha256)"] = provenance.config_hash(config)
+    commit = provenance.git_commit(source) if source is not None else None
     if commit:
         run["source (git)"] = commit
     parts.append(_kv_table(run))
-    times = stage_times(results, models)
+    times = provenance.stage_times(results, models)
     parts.append("<h3>Wall time per stage</h3>")
     if times:
         head = "".join(
@@ -675,9 +479,9 @@ def provenance_html(
         parts.append('<p class="note">No cell metadata found.</p>')
     parts.append(gguf_sources_html(models))
     parts.append("<h3>Packages</h3>")
-    parts.append(_kv_table(package_versions()))
+    parts.append(_kv_table(provenance.package_versions()))
     parts.append("<h3>Hardware (machine that built this report)</h3>")
-    parts.append(_kv_table(hardware()))
+    parts.append(_kv_table(provenance.hardware()))
     if config is not None:
         pretty = json.dumps(config, indent=2, sort_keys=True, default=str)
         parts.append(
@@ -688,61 +492,12 @@ def provenance_html(
 
 # --- the page --------------------------------------------------------------------------------
 
-CSS = """
-body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#222}
-header{background:#1f3b57;color:#fff;padding:18px 32px}
-header h1{margin:0;font-size:22px} header p{margin:4px 0 0;opacity:.85}
-nav{padding:8px 32px;background:#eef2f6;border-bottom:1px solid #d5dde6}
-nav a{margin-right:16px;color:#1f3b57;text-decoration:none}
-main{padding:8px 32px 48px;max-width:1400px}
-section{border-bottom:1px solid #e3e7ec;padding-bottom:16px}
-h2{margin-top:28px;color:#1f3b57} h3{margin-bottom:6px} h4{margin:14px 0 6px}
-p.caption{max-width:900px;color:#333} p.note{color:#666;font-size:13px}
-figure.chart{margin:16px 0;overflow-x:auto} figure.chart img{max-width:100%}
-figure.chart figcaption{color:#666;font-size:13px}
-figure.chart.live img.fallback{display:none}
-table.data,table.kv{border-collapse:collapse;font-size:13px;margin:6px 0 10px}
-table.data th,table.data td,table.kv th,table.kv td{border:1px solid #d5dde6;padding:3px 8px;
-text-align:right;white-space:nowrap}
-table.data thead th{background:#eef2f6} table.data tbody th,table.kv th{text-align:left}
-table.kv td{text-align:left;white-space:normal} table.data td.t{text-align:left}
-tr.total th,tr.total td{font-weight:bold}
-div.scroll{overflow-x:auto;max-width:100%} details{margin:6px 0}
-summary{cursor:pointer;color:#1f3b57}
-pre{background:#f6f8fa;padding:8px;overflow-x:auto;font-size:12px}
-"""
 
-EMBED_JS = """
-(function () {
-  var charts = Array.prototype.slice.call(document.querySelectorAll(".vega-chart"));
-  function done(ok, failed) {
-    document.body.setAttribute("data-charts", "done");
-    document.body.setAttribute("data-charts-ok", String(ok));
-    document.body.setAttribute("data-charts-failed", String(failed));
-  }
-  if (typeof vegaEmbed !== "function") {
-    charts.forEach(function (el) { el.remove(); });
-    console.warn("ropelens report: Vega-Embed unavailable; showing static PNGs");
-    done(0, charts.length);
-    return;
-  }
-  var ok = 0, failed = 0;
-  var jobs = charts.map(function (el) {
-    var spec = JSON.parse(document.getElementById(el.dataset.specId).textContent);
-    var opts = {renderer: "svg", actions: {export: true, source: true, compiled: false,
-                editor: false}};
-    return vegaEmbed(el, spec, opts).then(function () {
-      ok += 1;
-      el.closest("figure").classList.add("live");
-    }).catch(function (err) {
-      failed += 1;
-      el.remove();
-      console.warn("ropelens report: chart " + el.dataset.specId + " shows its PNG: " + err);
-    });
-  });
-  Promise.all(jobs).then(function () { done(ok, failed); });
-})();
-"""
+def asset(name: str) -> str:
+    """A file of the report's page, shipped as package data (``ropelens/assets``)."""
+    from importlib.resources import files
+
+    return (files("ropelens") / "assets" / name).read_text(encoding="utf-8")
 
 
 def _vegalite_version(specs: list[dict]) -> str | None:
@@ -807,30 +562,17 @@ def render(
         )
         + "</section>"
     )
-    cfg_line = f" · config {config_hash(config)[:12]}" if config is not None else ""
+    cfg_line = f" · config {provenance.config_hash(config)[:12]}" if config is not None else ""
     bundle = f"<script>{_bundle(specs)}</script>" if specs else ""
-    page = f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="generator" content="ropelens {_esc(__version__)}">
-<title>{_esc(title)}</title>
-<link rel="icon" href="data:,">
-<style>{CSS}</style>
-{bundle}
-</head>
-<body>
-<header><h1>{_esc(title)}</h1>
-<p>RoPE context-extension methods seen through attention (after Zhong et al. 2024){cfg_line}</p>
-</header>
-<nav>{" ".join(nav)}</nav>
-<main>
-{"".join(body)}
-</main>
-{"".join(scripts)}
-<script>{EMBED_JS}</script>
-</body>
-</html>
-"""
+    page = string.Template(asset("report.html")).substitute(
+        version=_esc(__version__),
+        title=_esc(title),
+        css=asset("report.css"),
+        bundle=bundle,
+        config_line=cfg_line,
+        nav=" ".join(nav),
+        body="".join(body),
+        scripts="".join(scripts),
+        js=asset("report.js"),
+    )
     return write_text(out, page)
