@@ -16,12 +16,7 @@ rule task:
         "../envs/ropelens.yaml"
     threads: config["runtime"]["threads"]
     resources:  # cluster resources by cell length (rules/resources.smk)
-        mem_mb=cell_mem_mb,
-        runtime=cell_runtime,
-        gpu=cell_gpu,
-        gpu_model=cell_gpu_model,
-        slurm_partition=cell_partition,
-        cell_slots=1,
+        **CELL_RESOURCES,
     params:
         spec=cell_spec,
         data=task_data_spec,

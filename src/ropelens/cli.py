@@ -320,8 +320,6 @@ def cmd_needle(args) -> int:
 
 
 def cmd_aggregate_needle(args) -> int:
-    import pyarrow as pa
-
     from ropelens import charts, retrieval, tables
 
     cells = retrieval.cell_frame(args.cells)
@@ -332,10 +330,7 @@ def cmd_aggregate_needle(args) -> int:
         ("_entropy_strata", strata),
         ("_cpt", retrieval.cpt_table(cells)),
     ):
-        table = pa.Table.from_pandas(df, preserve_index=False)
-        shown = [tables.Shown(tables.text_frame(df))]
-        out = prefix.with_name(prefix.name + name)
-        tables.write_shown(table, out, shown, csv=lambda p, df=df: df.to_csv(p, index=False))
+        tables.write_frame(df, prefix.with_name(prefix.name + name))
     for model, html, png in zip(args.models, args.html, args.png):
         charts.save(charts.needle_heatmap(cells, model), html, png)
     for model, html, png in zip(args.models, args.strata_html, args.strata_png):
@@ -371,12 +366,12 @@ def cmd_task(args) -> int:
 
 
 def cmd_aggregate_tasks(args) -> int:
-    from ropelens import charts, taskcells
+    from ropelens import charts, tables, taskcells
 
     cells = taskcells.cell_frame(args.cells)
     prefix = Path(args.prefix)
     for name, df in taskcells.tables(cells).items():
-        _write_frame(df, prefix.with_name(prefix.name + name))
+        tables.write_frame(df, prefix.with_name(prefix.name + name))
     for (model, task), html, png in zip(_pairs(args.models, args.tasks), args.html, args.png):
         charts.save(charts.task_heatmap(cells, model, task), html, png)
     print(f"aggregated {len(args.cells)} task cells", file=sys.stderr)
@@ -386,20 +381,6 @@ def cmd_aggregate_tasks(args) -> int:
 def _pairs(models, tasks):
     """(model, task) in the order the workflow lists chart files: models outer, tasks inner."""
     return [(m, t) for m in models for t in tasks]
-
-
-def _write_frame(df, out: Path) -> None:
-    """A table as Parquet, CSV and Markdown next to each other, each atomically."""
-    import pyarrow as pa
-
-    from ropelens.io import write_table
-    from ropelens.retrieval import markdown
-
-    write_table(pa.Table.from_pandas(df, preserve_index=False), f"{out}.parquet")
-    df.to_csv(f"{out}.csv.tmp", index=False)
-    Path(f"{out}.csv.tmp").replace(f"{out}.csv")
-    Path(f"{out}.md.tmp").write_text(markdown(df))
-    Path(f"{out}.md.tmp").replace(f"{out}.md")
 
 
 def _is_mean(table):

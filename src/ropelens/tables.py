@@ -124,6 +124,16 @@ def write_shown(table, prefix: str | Path, shown: list[Shown], csv=None) -> None
     write_text(prefix.with_suffix(".md"), to_markdown(shown))
 
 
+def write_frame(df, prefix: str | Path, floats: str = "{:.3f}") -> None:
+    """A pandas table as ``prefix``.parquet, .csv (by pandas) and .md, shown as itself
+    (:func:`text_frame`)."""
+    import pyarrow as pa
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    shown = [Shown(text_frame(df, floats))]
+    write_shown(table, prefix, shown, csv=lambda path: df.to_csv(path, index=False))
+
+
 def pivots(table, value: str, fmt: str = "{:.2f}") -> list[Shown]:
     """One table per model: methods as rows, lengths as columns."""
     import pandas as pd

@@ -25,7 +25,7 @@ def run_cell(model, tokenizer, task, haystack, length: int, depth: float, settin
     """Column lists of one task cell (without the grid/method columns)."""
     from ropelens import needle, tasks
     from ropelens.attention import StatsSpec
-    from ropelens.errors import DataError
+    from ropelens.errors import DataError, is_out_of_memory
     from ropelens.retrieval import _greedy_recorded
 
     seed = tasks.cell_seed(task, length, depth, settings.get("seed", 0))
@@ -50,8 +50,8 @@ def run_cell(model, tokenizer, task, haystack, length: int, depth: float, settin
         new, stats = _greedy_recorded(
             model, prompt.input_ids, max_new, tokenizer.eos_token_id, spec
         )
-    except Exception as e:  # CUDA OOM is a RuntimeError subclass; CPU raises RuntimeError too
-        if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
+    except Exception as e:
+        if is_out_of_memory(e):
             error = str(e).strip().splitlines()[0]
             return _failed_cell(task, depth, "oom", error, prompt)
         raise
