@@ -103,8 +103,16 @@ def method_params(entry: dict) -> dict:
 def check(cfg: dict, base_dir: str | os.PathLike = ".") -> None:
     """Semantic checks the schema cannot express. ``base_dir`` resolves relative paths."""
     base = Path(base_dir)
-    models = cfg["models"]
-    for name, model in models.items():
+    _check_models(cfg, base)
+    _check_methods(cfg, base)
+    _check_sections(cfg, base)
+    from ropelens import architectures  # what each model's own config allows (issue 12)
+
+    architectures.check(cfg, base)
+
+
+def _check_models(cfg: dict, base: Path) -> None:
+    for name, model in cfg["models"].items():
         if "path" in model and not (base / model["path"]).expanduser().is_dir():
             raise ConfigError(
                 f"models.{name}.path: directory '{model['path']}' does not exist; "
@@ -122,6 +130,10 @@ def check(cfg: dict, base_dir: str | os.PathLike = ".") -> None:
         heads, kv = tiny.get("heads", 4), tiny.get("kv_heads", tiny.get("heads", 4))
         if heads % kv:
             raise ConfigError(f"models.{name}.tiny.kv_heads: {kv} must divide heads ({heads})")
+
+
+def _check_methods(cfg: dict, base: Path) -> None:
+    models = cfg["models"]
     for label, entry in cfg["methods"].items():
         where = f"methods.{label}"
         name = entry.get("method", label)
@@ -158,6 +170,10 @@ def check(cfg: dict, base_dir: str | os.PathLike = ".") -> None:
         # a nominal base is enough to check the parameters
         nominal = registry.BaseRope(theta=10000.0, head_dim=128, pretrained_length=4096)
         registry.resolve(name, method_params(entry), nominal, where=where)
+
+
+def _check_sections(cfg: dict, base: Path) -> None:
+    """lengths, depths, the ppl / attention / needle / tasks sections and their corpora."""
     lengths = cfg["lengths"]
     dupes = sorted({x for x in lengths if lengths.count(x) > 1})
     if dupes:
@@ -199,9 +215,6 @@ def check(cfg: dict, base_dir: str | os.PathLike = ".") -> None:
     for name, corpus in cfg["corpora"].items():
         if "path" in corpus:
             corpora.check_local(base / corpus["path"], corpus, min(lengths), f"corpora.{name}.path")
-    from ropelens import architectures  # what each model's own config allows (issue 12)
-
-    architectures.check(cfg, base)
 
 
 def prepare(cfg: dict, base_dir: str | os.PathLike = ".") -> dict:
