@@ -15,7 +15,14 @@ import torch
 from ropelens import methods, models
 from ropelens.errors import ConfigError
 from tests import archs
-from tests.test_methods import base_freqs, llama3_reference, yarn_reference
+from tests.test_methods import (
+    base_freqs,
+    example_params,
+    llama3_reference,
+    longrope_reference,
+    p_rope_reference,
+    yarn_reference,
+)
 
 NAMES = [a.name for a in archs.ARCHS]
 
@@ -68,17 +75,34 @@ def test_table_covers_what_the_issue_names():
 
 P = archs.BASE["max_position_embeddings"]  # pretrained length of every tiny model
 S = 4  # a typical factor
-PARAMS = {name: ({} if name == "rope" else {"factor": S}) for name in methods.known()}
-DYNAMIC_AT = 4 * P  # dynamic NTK is checked after a forward at this many positions
-#: (architecture, method) -> the reason it is refused, at plan time in one line; every other
-#: combination of a RoPE architecture with a registry method must pass the formula checks
+DYNAMIC_AT = 4 * P  # dynamic NTK and LongRoPE are checked after a forward at this many positions
+PARTIAL = "it rotates whole heads and this architecture rotates part of each (partial rotary)"
+#: (architecture, method) -> (the reason it is refused, at plan time in one line; words of that
+#: line); every other combination of a RoPE architecture with a registry method must pass the
+#: formula checks
 REFUSED = {
-    ("phi3", "dynamic-ntk"): "Phi3Config takes only default or LongRoPE, and LongRoPE cannot "
-    "express a scaling that grows with the sequence length",
+    ("phi3", "dynamic-ntk"): (
+        "Phi3Config takes only default or LongRoPE, and LongRoPE cannot express a scaling that "
+        "grows with the sequence length",
+        "LongRoPE factors cannot express",
+    ),
+    **{
+        (a.name, "p-rope"): (PARTIAL, "heads rotate only a fraction")
+        for a in archs.ROPE_ARCHS
+        if a.partial_rotary
+    },
 }
 NO_ROPE = {a.name: "no rotary position embedding" for a in archs.ARCHS if not a.has_rope}
+
+
+def params_of(name: str, method: str) -> dict:
+    """The method's parameters on architecture ``name`` (LongRoPE: one factor per rotary pair)."""
+    arch = archs.BY_NAME[name]
+    return example_params(method, rotary_dim(arch) if arch.has_rope else 2, S)
+
+
 #: how a method is written into transformers where not its own rope type
-EXPRESSED = {("phi3", m): "longrope" for m in ("pi", "yarn", "llama3")}
+EXPRESSED = {("phi3", m): "longrope" for m in ("pi", "yarn", "ntk-by-parts", "llama3")}
 ROPE_NAMES = [a.name for a in archs.ROPE_ARCHS]
 PASSING = [(a, m) for a in ROPE_NAMES for m in methods.known() if (a, m) not in REFUSED]
 
@@ -103,7 +127,7 @@ def spec_of(directory, name: str, method: str, **extra) -> dict:
         "source": {"path": str(directory)},
         "pretrained_length": P,
         "registry": method,
-        "params": PARAMS[method],
+        "params": params_of(name, method),
         "runtime": {"device": "cpu", "dtype": "float32"},
         **extra,
     }
@@ -121,9 +145,19 @@ def base_thetas(arch) -> dict:
 
 
 def formula(method: str, d: int, theta: float):
-    """(inverse frequencies, attention factor) of ``method`` at factor S, pretrained length P."""
+    """(inverse frequencies, attention factor) of ``method`` at factor S, pretrained length P
+    (with the parameters of ``example_params``)."""
+    params = example_params(method, d, S)
     if method == "rope":
         return base_freqs(d, theta), 1.0
+    if method == "abf":
+        return base_freqs(d, params["rope_theta"]), 1.0
+    if method == "p-rope":
+        return p_rope_reference(d, params["p"], theta), 1.0
+    if method == "longrope":  # after a forward over DYNAMIC_AT > P positions: the long factors
+        return longrope_reference(d, params["long_factor"], S, P, theta)
+    if method == "ntk-by-parts":
+        return yarn_reference(d, S, P, theta=theta)[0], 1.0
     if method == "pi":
         return base_freqs(d, theta) / S, 1.0
     if method == "ntk":
@@ -140,7 +174,7 @@ def formula(method: str, d: int, theta: float):
 
 def model_rope(model, layer_type: str, method: str):
     """The loaded model's inverse frequencies and attention factor for ``layer_type``."""
-    if method == "dynamic-ntk":
+    if method in ("dynamic-ntk", "longrope"):
         rotary = methods.rotary_module(model)
         x, pos = torch.zeros(1, 1), torch.arange(DYNAMIC_AT)[None]
         kwargs = {"layer_type": layer_type} if isinstance(rotary.rope_type, dict) else {}
@@ -151,8 +185,12 @@ def model_rope(model, layer_type: str, method: str):
 
 
 def assert_rel(actual, expected, what: str, rtol: float = 1e-6):
+    """Relative error <= rtol; where the formula has a zero frequency (p-RoPE), exactly zero."""
     n, m = actual.shape[0], expected.shape[0]
     assert n == m, f"{what}: {n} frequencies, expected {m} (rotary dimension / 2)"
+    zero = expected == 0
+    assert np.all(actual[zero] == 0), f"{what}: frequencies that must be zero are not"
+    actual, expected = actual[~zero], expected[~zero]
     rel = float(np.max(np.abs(actual - expected) / np.abs(expected)))
     assert rel <= rtol, f"{what}: max relative error {rel:.3g} > {rtol}"
 
@@ -174,6 +212,28 @@ def test_method_is_its_formula_over_the_rotary_dimension(name, method, arch_dir)
         ref, ref_attention = formula(method if touched else "rope", d, theta)
         assert_rel(inv, ref, f"{name} {method} {layer_type}")
         assert attention == pytest.approx(ref_attention, rel=1e-6), (layer_type, attention)
+
+
+@pytest.mark.parametrize("name", ROPE_NAMES)
+def test_auto_factor_is_applied_at_the_cells_length(name, arch_dir):
+    """``factor: auto`` (s = max(1, L / P)) through a cell spec at length L: YaRN at 8P is YaRN at
+    factor 8, PI at P / 2 is plain RoPE; the recorded factor is the one used."""
+    arch = archs.BY_NAME[name]
+    thetas, d = base_thetas(arch), rotary_dim(arch)
+    for method, length, s in (("yarn", 8 * P, 8.0), ("pi", P // 2, 1.0)):
+        spec = spec_of(arch_dir(name), name, method)
+        spec = models.at_length({**spec, "params": {"factor": "auto"}}, length)
+        loaded = models.load(spec, attn_implementation="eager")
+        assert loaded.rope["factor"] == s
+        for layer_type, theta in thetas.items():
+            touched = layer_type in loaded.rope["layer_types"]
+            inv, attention = model_rope(loaded.model, layer_type, "rope")
+            if not touched or s == 1.0:
+                ref, ref_attention = base_freqs(d, theta), 1.0
+            else:
+                ref, ref_attention = yarn_reference(d, s, P, theta=theta)
+            assert_rel(inv, ref, f"{name} {method} auto at {length} {layer_type}")
+            assert attention == pytest.approx(ref_attention, rel=1e-6)
 
 
 def test_gemma3_keeps_its_per_layer_type_thetas():
@@ -218,14 +278,14 @@ def test_refused_at_plan_time_in_one_line(name, method, arch_dir):
 
     entry = {name: {"path": str(arch_dir(name)), "pretrained_length": P}}
     with pytest.raises(ConfigError) as err:
-        config.prepare(grid(entry, {"rope": {}, method: PARAMS[method]}))
+        config.prepare(grid(entry, {"rope": {}, method: params_of(name, method)}))
     text = str(err.value)
     assert "\n" not in text and (f"model '{name}'" in text or f"models.{name}" in text), text
     if name in NO_ROPE:
         assert text.startswith(f"models.{name}: ") and "no rotary position embedding" in text
     else:
         assert text.startswith(f"methods.{method}: method '{method}' cannot apply to model")
-        assert "LongRoPE factors cannot express" in text
+        assert REFUSED[(name, method)][1] in text, text
 
 
 def test_check_config_prints_the_refusal_as_one_line(arch_dir, tmp_path):
@@ -491,7 +551,7 @@ def outcome(name: str, method: str) -> str:
     if not arch.has_rope:
         return "refused"
     try:
-        applied = methods.apply_method(arch.make_config(), method, PARAMS[method], P)
+        applied = methods.apply_method(arch.make_config(), method, params_of(name, method), P)
     except ConfigError:
         return "refused"
     return "✓ (LongRoPE)" if applied.expressed_as == "longrope" else "✓"
@@ -515,7 +575,7 @@ def _layer_types(arch) -> str:
 def _notes(arch) -> str:
     if arch.name in NO_ROPE:
         return f"refused at plan time: {NO_ROPE[arch.name]}"
-    notes = [f"`{m}` refused: {why}" for (a, m), why in REFUSED.items() if a == arch.name]
+    notes = [f"`{m}` refused: {why}" for (a, m), (why, _) in REFUSED.items() if a == arch.name]
     longrope = [f"`{m}`" for (a, m), how in EXPRESSED.items() if a == arch.name and how]
     if longrope:
         notes.append(f"{', '.join(longrope)} written as exact LongRoPE factors")

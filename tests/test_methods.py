@@ -1,4 +1,5 @@
-"""Method registry vs formulas of the PI, NTK-aware, YaRN and Llama-3 papers, written here."""
+"""Method registry vs formulas of the PI, NTK-aware, YaRN, NTK-by-parts, Llama-3, ABF, LongRoPE
+and p-RoPE papers, written here; per-length factors (factor: auto); the registry's own rules."""
 
 import math
 
@@ -160,10 +161,8 @@ def test_resolve_rejects_bad_parameters():
     for bad in (1, 0.5, -2, True, "4"):
         with pytest.raises(ConfigError, match=r"factor: must be a number > 1"):
             methods.resolve("yarn", {"factor": bad}, base)
-    with pytest.raises(
-        ConfigError, match=r"known methods: dynamic-ntk, llama3, ntk, pi, rope, yarn"
-    ):
-        methods.resolve("rerope", {}, base)
+    with pytest.raises(ConfigError, match=r"known methods: abf, dynamic-ntk, llama3, "):
+        methods.resolve("xpos", {}, base)
     with pytest.raises(ConfigError, match=r"not a parameter of method 'ntk'"):
         methods.resolve("ntk", {"factor": 2, "beta_fast": 3}, base)
 
@@ -175,6 +174,260 @@ def test_apply_is_idempotent():
     first = dict(cfg.rope_parameters)
     methods.apply(cfg, methods.resolve("yarn", {"factor": 4}, methods.base_rope(cfg, L0)))
     assert cfg.rope_parameters == first
+
+
+def example_params(name: str, rotary_dim: int, s: float = 4) -> dict:
+    """Typical parameters of each registry method at factor ``s`` (LongRoPE: ``rotary_dim / 2``
+    long factors rising from 1 to 2s, short factors 1 to 1.5 — not a uniform scaling)."""
+    n = rotary_dim // 2
+    ramp = [1 + (2 * s - 1) * i / max(n - 1, 1) for i in range(n)]
+    return {
+        "rope": {},
+        "abf": {"rope_theta": 20 * THETA},
+        "p-rope": {"p": 0.75},
+        "longrope": {
+            "factor": s,
+            "long_factor": ramp,
+            "short_factor": [1 + 0.5 * i / max(n - 1, 1) for i in range(n)],
+        },
+    }.get(name, {"factor": s})
+
+
+# --- the methods beyond the paper's: ABF, NTK-by-parts, LongRoPE, p-RoPE ------------------------
+
+
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("theta", [5e5, 1e6])
+def test_abf_is_a_new_base(d, theta):
+    # Xiong et al. 2023 / CodeLlama: theta_i = b'^(-2i/d) with the adjusted base b'
+    inv, attn, cfg = model_freqs("abf", {"rope_theta": theta}, d)
+    assert_rel(inv, base_freqs(d, theta))
+    assert attn == 1.0 and cfg.rope_parameters["rope_type"] == "default"
+
+
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("s", FACTORS)
+def test_ntk_by_parts_is_the_ramp_without_temperature(d, s):
+    # YaRN paper §3.2: h(theta_i) = (1 - gamma) theta_i / s + gamma theta_i; no attention scaling
+    inv, attn, cfg = model_freqs("ntk-by-parts", {"factor": s}, d)
+    ref, _ = yarn_reference(d, s, L0)
+    assert_rel(inv, ref)
+    assert attn == 1.0
+    r = L0 / (2 * math.pi / base_freqs(d))
+    assert_rel(inv[r > 32 * 1.5], base_freqs(d)[r > 32 * 1.5])
+    assert_rel(inv[r < 1 / 1.5], base_freqs(d)[r < 1 / 1.5] / s)
+    # the same frequencies as YaRN: only the temperature differs
+    yarn_inv, yarn_attn, _ = model_freqs("yarn", {"factor": s}, d)
+    assert_rel(inv, yarn_inv)
+    assert yarn_attn == pytest.approx(0.1 * math.log(s) + 1)
+    inv2, _, _ = model_freqs("ntk-by-parts", {"factor": s, "beta_fast": 16, "beta_slow": 2}, d)
+    assert_rel(inv2, yarn_reference(d, s, L0, alpha=2, beta=16)[0])
+
+
+def longrope_reference(d, factors, s, L, theta=THETA):
+    """LongRoPE (Ding et al. 2024): theta_i / lambda_i per pair, and the attention scale
+    sqrt(1 + ln s / ln L) of Phi-3 (the paper's choice of t, after YaRN)."""
+    lam = np.asarray(factors, dtype=np.float64)
+    return base_freqs(d, theta) / lam, math.sqrt(1 + math.log(s) / math.log(L))
+
+
+def longrope_freqs(cfg, seq_len):
+    """The frequencies a LongRoPE model uses at ``seq_len`` (its rotary module picks the short or
+    the long factors by the length of the forward)."""
+    import torch
+
+    rotary = methods._rotary_of(cfg)
+    with torch.no_grad():
+        rotary(torch.zeros(1, 1), torch.arange(seq_len)[None])
+    return rotary.inv_freq.double().numpy(), float(rotary.attention_scaling)
+
+
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("s", [2, 8, 32])
+def test_longrope_short_and_long_factors(d, s):
+    params = example_params("longrope", d, s)
+    inv, attn, cfg = model_freqs("longrope", params, d)
+    short, attention = longrope_reference(d, params["short_factor"], s, L0)
+    assert_rel(inv, short)  # before any forward, and within L0
+    assert attn == pytest.approx(attention, rel=RTOL)
+    assert_rel(longrope_freqs(cfg, L0)[0], short)
+    long, _ = longrope_reference(d, params["long_factor"], s, L0)
+    got, attn = longrope_freqs(cfg, L0 + 1)
+    assert_rel(got, long)
+    assert attn == pytest.approx(attention, rel=RTOL)
+    # without short factors RoPE is unchanged up to L0; attention_factor overrides the default
+    only_long = {"factor": s, "long_factor": params["long_factor"], "attention_factor": 1.25}
+    inv, attn, cfg = model_freqs("longrope", only_long, d)
+    assert_rel(inv, base_freqs(d))
+    assert attn == 1.25
+    assert_rel(longrope_freqs(cfg, 2 * L0)[0], long)
+
+
+def test_longrope_factors_from_a_file(tmp_path):
+    import json
+
+    from ropelens import config
+
+    d, n = 64, 32
+    long = [1.0 + i / 8 for i in range(n)]
+    short = [1.0 + i / 64 for i in range(n)]
+    # a Phi-3 style config.json (factors in rope_scaling) and a plain YAML file
+    scaling = {"type": "longrope", "long_factor": long, "short_factor": short}
+    (tmp_path / "phi.json").write_text(json.dumps({"rope_scaling": scaling}))
+    (tmp_path / "f.yaml").write_text(f"long_factor: {long}\n")
+    for file, want_short in (("phi.json", short), ("f.yaml", [1.0] * n)):
+        params = {"factor": 8, "factors_file": str(tmp_path / file)}
+        inv, _, _ = model_freqs("longrope", params, d)
+        assert_rel(inv, base_freqs(d) / np.array(want_short))
+        # a config's file is read at plan time (relative to the workflow) and inlined
+        cfg = {
+            "models": {"m": {"tiny": {"hidden_size": 128, "heads": 2}, "pretrained_length": 64}},
+            "methods": {
+                "rope": {},
+                "lr": {"method": "longrope", "factor": 8, "factors_file": file},
+            },
+            "lengths": [64],
+            "corpora": {"code": {"builtin": "stdlib"}},
+            "ppl": {"corpus": "code"},
+        }
+        spec = config.cell_spec(config.prepare(cfg, tmp_path), "m", "lr")
+        assert spec["params"]["long_factor"] == long and "factors_file" not in spec["params"]
+        assert spec["params"].get("short_factor", [1.0] * n) == want_short
+
+
+def test_longrope_bad_factors_are_one_line(tmp_path):
+    base = methods.BaseRope(THETA, 64, L0)
+    cases = [
+        ({"factor": 4}, r"^methods.lr.long_factor: LongRoPE needs long_factor"),
+        ({"factor": 4, "long_factor": [1.0] * 31}, r"^methods.lr.long_factor: 31 factors, but"),
+        ({"factor": 4, "long_factor": [1.0, -2.0]}, r"^methods.lr.long_factor: must be a list"),
+        ({"factor": 4, "long_factor": "1, 2"}, r"^methods.lr.long_factor: must be a list"),
+        ({"long_factor": [1.0] * 32}, r"^methods.lr.factor: method 'longrope' requires"),
+        ({"factor": 4, "factors_file": "nope.json"}, r"^methods.lr.factors_file: 'nope.json' does"),
+        (
+            {"factor": 4, "factors_file": "x.json", "long_factor": [1.0] * 32},
+            r"^methods.lr.factors_file: give the factors inline or in a file, not both",
+        ),
+    ]
+    (tmp_path / "empty.json").write_text("{}")
+    cases.append(({"factor": 4, "factors_file": str(tmp_path / "empty.json")}, r"has no long_f"))
+    for params, match in cases:
+        with pytest.raises(ConfigError, match=match):
+            methods.resolve("longrope", params, base, where="methods.lr")
+    nominal = methods.BaseRope(THETA, 128, L0, nominal=True)  # plan time: the model decides
+    methods.resolve("longrope", {"factor": 4, "long_factor": [1.0] * 31}, nominal)
+
+
+def p_rope_reference(d, p, theta=THETA):
+    """p-RoPE (Barbero et al. 2024): the floor(p d / 2) highest frequencies theta^(-2i/d) rotate,
+    the lowest d/2 - floor(p d / 2) are set to zero (those dimensions carry no position)."""
+    kept = math.floor(p * d / 2)
+    return np.array([theta ** (-2 * i / d) if i < kept else 0.0 for i in range(d // 2)])
+
+
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("p", [0.25, 0.5, 0.75, 0.9])
+def test_p_rope_keeps_the_highest_frequencies(d, p):
+    inv, attn, cfg = model_freqs("p-rope", {"p": p}, d)
+    ref = p_rope_reference(d, p)
+    rotating = ref > 0
+    assert_rel(inv[rotating], ref[rotating])
+    assert np.all(inv[~rotating] == 0.0) and (~rotating).sum() == d // 2 - math.floor(p * d / 2)
+    assert attn == 1.0 and cfg.rope_parameters["rope_type"] == "proportional"
+
+
+def test_p_rope_refuses_partial_rotary_and_bad_p():
+    from transformers import GPTNeoXConfig
+
+    cfg = GPTNeoXConfig(hidden_size=64, num_attention_heads=4, rotary_pct=0.25)
+    with pytest.raises(ConfigError) as err:
+        methods.apply_method(cfg, "p-rope", {"p": 0.5}, L0, where="methods.p", model="neox")
+    assert str(err.value).startswith("methods.p: method 'p-rope' cannot apply to neox: its heads")
+    assert "\n" not in str(err.value)
+    assert cfg.rope_parameters["rope_type"] == "default"  # left as it was
+    base = methods.BaseRope(THETA, 64, L0)
+    for bad in (0, 1, 1.5, True, "half"):
+        with pytest.raises(ConfigError, match=r"^methods.p.p: must be a number between 0 and 1"):
+            methods.resolve("p-rope", {"p": bad}, base, where="methods.p")
+
+
+# --- per-length factors: factor: auto -> s = max(1, L / L0) at each cell ------------------------
+
+
+@pytest.mark.parametrize("length", [L0 // 2, L0, 3 * L0, 16 * L0])
+def test_auto_factor_is_the_cells_length_over_l0(length):
+    s = max(1.0, length / L0)
+    d = 64
+    for name, ref in (
+        ("pi", lambda: (base_freqs(d) / s, 1.0)),
+        ("ntk", lambda: (base_freqs(d, THETA * s ** (d / (d - 2))), 1.0)),
+        ("yarn", lambda: yarn_reference(d, s, L0)),
+        ("ntk-by-parts", lambda: (yarn_reference(d, s, L0)[0], 1.0)),
+        ("llama3", lambda: (llama3_reference(d, s, L0, THETA), 1.0)),
+    ):
+        cfg = LlamaConfig(hidden_size=4 * d, num_attention_heads=4, max_position_embeddings=L0)
+        applied = methods.apply_method(cfg, name, {"factor": "auto"}, L0, length=length)
+        assert applied.factor == s, name  # what the cell records in its factor column
+        inv, attn = methods.inv_freq(cfg)
+        want_inv, want_attn = ref()
+        assert_rel(inv.double().numpy(), want_inv)
+        assert float(attn) == pytest.approx(want_attn, rel=RTOL), name
+
+
+def test_auto_factor_rules():
+    base = methods.BaseRope(THETA, 64, L0)
+    for name in ("dynamic-ntk", "longrope"):
+        params = {**example_params(name, 64), "factor": "auto"}
+        with pytest.raises(ConfigError, match=r"^methods.x.factor: auto .* not available for"):
+            methods.resolve(name, params, base, where="methods.x")
+    with pytest.raises(ConfigError, match=r"^methods.x.factor: auto scales by each cell's length"):
+        methods.resolve("pi", {"factor": "auto"}, base, where="methods.x")
+    nominal = methods.BaseRope(THETA, 64, L0, nominal=True)
+    assert methods.resolve("pi", {"factor": "auto"}, nominal).factor == methods.AUTO_NOMINAL
+    with pytest.raises(ConfigError, match=r"^methods.x.factor: must be a number > 1 \(got 'a"):
+        methods.resolve("pi", {"factor": "automatic"}, base, where="methods.x")
+    # only a length-dependent method's cell spec carries the length (one model for all lengths)
+    from ropelens import models
+
+    spec = {"params": {"factor": "auto"}, "apply": True}
+    assert models.at_length(spec, 512) == {**spec, "length": 512}
+    assert models.at_length({"params": {"factor": 4}}, 512) == {"params": {"factor": 4}}
+
+
+def test_auto_factor_in_a_config():
+    from ropelens import config
+
+    cfg = {
+        "models": {"m": {"tiny": {}, "pretrained_length": 64}},
+        "methods": {"rope": {}, "pi-auto": {"method": "pi", "factor": "auto"}},
+        "lengths": [32, 64, 256],
+        "corpora": {"code": {"builtin": "stdlib"}},
+        "ppl": {"corpus": "code"},
+    }
+    assert config.cell_spec(config.prepare(cfg), "m", "pi-auto")["params"] == {"factor": "auto"}
+    cfg["methods"]["pi-auto"].update(cpt_length=256, checkpoints={"m": {"hub": "a/b"}})
+    with pytest.raises(ConfigError, match=r"^methods.pi-auto.factor: auto scales each cell"):
+        config.prepare(cfg)
+
+
+def test_register_refuses_a_duplicate_name():
+    before = dict(methods.REGISTRY)
+    with pytest.raises(ValueError, match=r"method 'pi' is already registered"):
+        methods.register("pi", "another PI")(lambda base, params: None)
+    assert before == methods.REGISTRY
+
+
+def test_readme_methods_table_is_the_registry():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start, end = "<!-- methods:start -->", "<!-- methods:end -->"
+    assert start in text and end in text, "README lacks the methods table markers"
+    shown = text.split(start)[1].split(end)[0].strip()
+    assert shown == methods.table(), (
+        "README's methods table differs from the registry; paste the output of "
+        "`python -c 'from ropelens import methods; print(methods.table())'` between the markers"
+    )
 
 
 # --- architectures: per-layer-type RoPE, partial rotary, refusals (see tests/test_conformance) ---
@@ -235,10 +488,9 @@ def test_partial_rotary_is_kept_wherever_transformers_keeps_it():
         (Phi3Config(hidden_size=64, num_attention_heads=4, partial_rotary_factor=0.5), 0.5),
     ):
         for name in methods.known():
-            if name == "dynamic-ntk" and isinstance(cfg, Phi3Config):
-                continue
-            params = {} if name == "rope" else {"factor": 4}
-            methods.apply_method(cfg, name, params, L0)
+            if name == "dynamic-ntk" and isinstance(cfg, Phi3Config) or name == "p-rope":
+                continue  # refused (see test_p_rope_refuses_partial_rotary)
+            methods.apply_method(cfg, name, example_params(name, int(16 * partial)), L0)
             assert cfg.rope_parameters["partial_rotary_factor"] == partial, (cfg, name)
             inv, _ = methods.inv_freq(cfg)
             assert inv.shape[0] == int(16 * partial) // 2
@@ -360,3 +612,23 @@ def test_hub_models_are_checked_from_the_cache_only(tmp_path):
                 "ropelens: error: models.nope: GPT2Config has no rotary position embedding; "
                 "ropelens studies RoPE models — remove it from models"
             )
+
+
+def test_methods_config_shares_the_default_toy_base():
+    """configs/methods.yaml trains (or reuses) exactly config.yaml's toy base, on the same axes,
+    and names every frequency-side method beyond the paper's."""
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    default = yaml.safe_load((repo / "config.yaml").read_text())
+    extra = yaml.safe_load((repo / "configs/methods.yaml").read_text())
+    assert extra["models"] == default["models"]
+    for key in ("lengths", "depths", "corpora", "ppl", "attention", "needle", "runtime"):
+        assert extra[key] == default[key], key
+    for label in ("rope", "pi", "yarn"):
+        assert extra["methods"][label] == default["methods"][label]
+    used = {entry.get("method", label) for label, entry in extra["methods"].items()}
+    assert {"ntk-by-parts", "abf", "longrope", "p-rope"} <= used
+    assert any(methods.uses_length(entry) for entry in extra["methods"].values())

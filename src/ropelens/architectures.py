@@ -111,19 +111,28 @@ def check_model(label: str, model_config, pretrained_length: int) -> Architectur
     return arch
 
 
-def check_method(label: str, model_config, pretrained_length: int, method: str, entry: dict):
-    """Apply method ``method`` (entry ``entry``) to a copy of the config: one line if it cannot."""
+def check_method(
+    label: str, model_config, pretrained_length: int, method: str, entry: dict, lengths=()
+):
+    """Apply method ``method`` (entry ``entry``) to a copy of the config: one line if it cannot.
+    A method that depends on the cell's length (``factor: auto``) is applied at the shortest and
+    the longest of ``lengths`` (the factor's two ends)."""
     from ropelens.config import method_params
 
-    return methods.apply_method(
-        copy.deepcopy(model_config),
-        entry.get("method", method),
-        method_params(entry),
-        pretrained_length,
-        layer_types=entry.get("layer_types"),
-        where=f"methods.{method}",
-        model=f"model '{label}' ({type(model_config).__name__})",
-    )
+    params = method_params(entry)
+    at = [min(lengths), max(lengths)] if methods.uses_length(params) and lengths else [None]
+    for length in at:
+        applied = methods.apply_method(
+            copy.deepcopy(model_config),
+            entry.get("method", method),
+            params,
+            pretrained_length,
+            layer_types=entry.get("layer_types"),
+            where=f"methods.{method}",
+            model=f"model '{label}' ({type(model_config).__name__})",
+            length=length if length is not None else pretrained_length,
+        )
+    return applied
 
 
 def local_config(model: dict, base_dir: str | os.PathLike = "."):
@@ -174,4 +183,4 @@ def check(cfg: dict, base_dir: str | os.PathLike = ".") -> None:
         model_config = loaded[label] if ckpt is None else local_config(ckpt, base_dir)
         if model_config is not None:
             pretrained = cfg["models"][label]["pretrained_length"]
-            check_method(label, model_config, pretrained, method, entry)
+            check_method(label, model_config, pretrained, method, entry, cfg["lengths"])

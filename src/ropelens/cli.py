@@ -158,7 +158,7 @@ def cmd_ppl(args) -> int:
     _threads(args.threads)
     settings = args.settings
     tokens = pq.read_table(args.tokens)
-    loaded, t0, load_s = _load_timed(args.spec)
+    loaded, t0, load_s = _load_timed(args.spec, args.length)
     rows = ppl.evaluate(
         loaded.model, tokens, args.length, settings, _progress(f"ppl L={args.length}")
     )
@@ -170,12 +170,13 @@ def cmd_ppl(args) -> int:
     return 0
 
 
-def _load_timed(spec: dict):
-    """The cell's model, the time loading started and the seconds it took."""
+def _load_timed(spec: dict, length: int):
+    """The cell's model (at the cell's length: ``factor: auto``), the time loading started and
+    the seconds it took."""
     from ropelens import models
 
     t0 = time.perf_counter()
-    loaded = models.load(spec)
+    loaded = models.load(models.at_length(spec, length))
     return loaded, t0, time.perf_counter() - t0
 
 
@@ -183,9 +184,17 @@ def _write_cell(rows: dict, n: int, schema, args, loaded, t0: float, load_s: flo
     """Add the grid columns to ``n`` rows and write the cell atomically with its timings."""
     from ropelens.io import write_cell
 
-    rows.update(_grid_columns(args.spec, loaded.rope_parameters, args.length, n))
+    rope = {**loaded.rope_parameters, "factor": _factor_used(loaded)}
+    rows.update(_grid_columns(args.spec, rope, args.length, n))
     meta = _cell_metadata(args.spec, loaded, load_s, time.perf_counter() - t0 - load_s)
     write_cell(rows, schema, args.out, meta)
+
+
+def _factor_used(loaded) -> float | None:
+    """The scale factor of the cell: the one the method used where it has one (``factor:
+    auto`` resolved at the cell's length), else that of the model's own RoPE parameters."""
+    used = loaded.rope.get("factor")
+    return loaded.rope_parameters.get("factor") if used is None else used
 
 
 def _grid_columns(spec: dict, rope: dict, length: int, n: int) -> dict:
@@ -194,7 +203,7 @@ def _grid_columns(spec: dict, rope: dict, length: int, n: int) -> dict:
         method=[spec["method"]] * n,
         length=[length] * n,
         rope_type=[rope.get("rope_type", "default")] * n,
-        factor=[rope.get("factor")] * n,
+        factor=[rope.get("factor")] * n,  # the factor used (factor: auto at this length)
         pretrained_length=[spec["pretrained_length"]] * n,
         cpt_length=[spec.get("cpt_length")] * n,
     )
@@ -220,7 +229,7 @@ def cmd_attention(args) -> int:
     _threads(args.threads)
     settings = args.settings
     tokens = pq.read_table(args.tokens)
-    loaded, t0, load_s = _load_timed(args.spec)
+    loaded, t0, load_s = _load_timed(args.spec, args.length)
     stats, n_docs = distributions.measure(
         loaded.model, tokens, args.length, settings, _progress(f"attention L={args.length}")
     )
@@ -300,7 +309,7 @@ def cmd_needle(args) -> int:
     _threads(args.threads)
     settings = {"format": "auto", **args.settings}
     haystack = pq.read_table(args.haystack).column("text").to_pylist()
-    loaded, t0, load_s = _load_timed(args.spec)
+    loaded, t0, load_s = _load_timed(args.spec, args.length)
     rows = retrieval.run_cell(
         loaded.model, loaded.tokenizer, haystack, args.length, args.depth, settings
     )
@@ -347,7 +356,7 @@ def cmd_task(args) -> int:
     _threads(args.threads)
     settings = {"format": "auto", **args.settings}
     haystack = pq.read_table(args.haystack).column("text").to_pylist() if args.haystack else None
-    loaded, t0, load_s = _load_timed(args.spec)
+    loaded, t0, load_s = _load_timed(args.spec, args.length)
     rows = taskcells.run_cell(
         loaded.model, loaded.tokenizer, args.task, haystack, args.length, args.depth, settings
     )

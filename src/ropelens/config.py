@@ -18,6 +18,7 @@ from ropelens import methods as registry
 from ropelens.errors import ConfigError
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+WORKFLOW_DIR = Path(__file__).resolve().parents[2]  # the checkout: Snakefile, configs/
 RESERVED_METHOD_KEYS = ("method", "checkpoints", "cpt_length", "apply", "models", "layer_types")
 
 
@@ -142,6 +143,15 @@ def _check_methods(cfg: dict, base: Path) -> None:
                 f"{where}.method: unknown method '{name}'; "
                 f"known methods: {', '.join(registry.known())}"
             )
+        if registry.uses_length(method_params(entry)) and entry.get("checkpoints"):
+            raise ConfigError(
+                f"{where}.factor: auto scales each cell by its length, but a checkpoint was "
+                "trained with one factor; give that number (e.g. cpt_length / pretrained_length)"
+            )
+        _inline_factor_files(entry, where, base)
+        # a nominal base is enough to check the parameters (the models' own configs: below)
+        nominal = registry.BaseRope(10000.0, 128, 4096, nominal=True)
+        registry.resolve(name, method_params(entry), nominal, where=where)
         for model in list(entry.get("checkpoints", {})) + list(entry.get("models", [])):
             if model not in models:
                 raise ConfigError(
@@ -167,9 +177,6 @@ def _check_methods(cfg: dict, base: Path) -> None:
                 f"{where}.cpt_length: required with checkpoints; "
                 "set it to the continual-pretraining length"
             )
-        # a nominal base is enough to check the parameters
-        nominal = registry.BaseRope(theta=10000.0, head_dim=128, pretrained_length=4096)
-        registry.resolve(name, method_params(entry), nominal, where=where)
 
 
 def _check_sections(cfg: dict, base: Path) -> None:
@@ -215,6 +222,26 @@ def _check_sections(cfg: dict, base: Path) -> None:
     for name, corpus in cfg["corpora"].items():
         if "path" in corpus:
             corpora.check_local(base / corpus["path"], corpus, min(lengths), f"corpora.{name}.path")
+
+
+def _inline_factor_files(entry: dict, where: str, base: Path) -> None:
+    """A LongRoPE ``factors_file`` becomes the inline factors it holds, so that cells use the
+    factors of the plan (and rerun when they change). A relative path is read from the working
+    directory, else from the workflow's own folder (its shipped ``configs/longrope/`` files), as
+    config.yaml is found."""
+    path = entry.get("factors_file")
+    if not isinstance(path, str) or "short_factor" in entry or "long_factor" in entry:
+        return  # not a file, or both given: the registry says what is wrong
+    here = (base / path).expanduser()
+    shipped = WORKFLOW_DIR / path
+    if not here.exists() and not Path(path).is_absolute() and shipped.is_file():
+        here = shipped
+    try:
+        factors = registry.read_factors(here)
+    except registry.ParameterError as e:
+        raise ConfigError(f"{where}.{e.key}: {e.text}") from None
+    del entry["factors_file"]
+    entry.update(factors)
 
 
 def prepare(cfg: dict, base_dir: str | os.PathLike = ".") -> dict:

@@ -3,7 +3,8 @@
 Each method turns the base model's RoPE (theta, head dim, pretrained length) and the user's
 parameters into transformers' ``rope_parameters`` (plus, rarely, other config overrides), so that
 the model's own RoPE code path runs. Nothing here re-implements rotary embeddings; ``inv_freq``
-asks transformers.
+asks transformers. Parameters are checked here (``PARAMETERS``: one line naming the key); a
+``factor: auto`` is resolved at each cell's length to s = max(1, L / L0).
 
     >>> base = BaseRope(theta=10000.0, head_dim=64, pretrained_length=4096)
     >>> spec = resolve("pi", {"factor": 4}, base)
@@ -15,19 +16,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ropelens.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class BaseRope:
-    """What a method needs to know about the base model."""
+    """What a method needs to know about the base model (``nominal``: a stand-in at plan time,
+    before the model's own config is read; checks that need the model wait for it)."""
 
     theta: float
     head_dim: int
     pretrained_length: int
     partial_rotary_factor: float = 1.0
+    nominal: bool = False
 
     @property
     def rotary_dim(self) -> int:
@@ -36,10 +39,16 @@ class BaseRope:
 
 @dataclass(frozen=True)
 class RopeSpec:
-    """The result of a method: transformers ``rope_parameters`` and other config overrides."""
+    """The result of a method: transformers ``rope_parameters`` and other config overrides.
+
+    ``factor`` is the scale factor the method used (``factor: auto`` resolved at the cell's
+    length), None for methods without one; ``owns`` are architecture keys of ``rope_parameters``
+    (see ARCHITECTURE_KEYS) that the method sets itself instead of keeping the model's."""
 
     rope_parameters: dict
     config_overrides: dict = field(default_factory=dict)
+    factor: float | None = None
+    owns: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -49,14 +58,40 @@ class Method:
     build: Callable[[BaseRope, dict], RopeSpec]
     required: tuple[str, ...] = ()
     optional: tuple[str, ...] = ()
+    paper: str = ""  # where the method comes from (README methods table)
+    writes: str = ""  # what it writes into transformers' rope_parameters (README methods table)
+    side: str = "frequency"  # frequency: a change of rope_parameters; attention: of positions
+    auto_factor: bool = False  # accepts factor: auto (s = max(1, L / L0) per cell)
+
+
+class ParameterError(Exception):
+    """Raised by a method's builder: parameter ``key`` is wrong (``resolve`` names the entry)."""
+
+    def __init__(self, key: str, text: str):
+        super().__init__(f"{key}: {text}")
+        self.key, self.text = key, text
+
+
+class Refusal(Exception):
+    """Raised by a method's builder: the method cannot apply to this model (one clause why)."""
 
 
 REGISTRY: dict[str, Method] = {}
+AUTO = "auto"  # factor: auto -> s = max(1, L / L0) at each cell's length L
+AUTO_NOMINAL = 2.0  # the factor `auto` stands for in plan-time checks without a length
 
 
-def register(name: str, summary: str, required=(), optional=()):
+def register(name: str, summary: str, required=(), optional=(), **info):
+    """Add a method to the registry (``info``: paper, writes, side, auto_factor); a name registered
+    twice is refused, as lm-eval's registry does, instead of silently replacing the first."""
+
     def deco(fn):
-        REGISTRY[name] = Method(name, summary, fn, tuple(required), tuple(optional))
+        if name in REGISTRY:
+            raise ValueError(
+                f"method '{name}' is already registered (by {REGISTRY[name].build.__qualname__}); "
+                "choose another name"
+            )
+        REGISTRY[name] = Method(name, summary, fn, tuple(required), tuple(optional), **info)
         return fn
 
     return deco
@@ -72,10 +107,71 @@ def get(name: str) -> Method:
     return REGISTRY[name]
 
 
-def resolve(name: str, params: dict, base: BaseRope, where: str = "method") -> RopeSpec:
-    """Check ``params`` for method ``name`` and build its RoPE spec (``where``: the config key)."""
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _positive(v) -> bool:
+    return _is_number(v) and v > 0
+
+
+def _factor_list(v) -> bool:
+    return isinstance(v, list) and len(v) > 0 and all(_positive(x) for x in v)
+
+
+#: parameter -> (check, what a good value is); ``factor`` is checked by ``resolve`` itself
+PARAMETERS = {
+    "rope_theta": (_positive, "a number > 0 (the RoPE base)"),
+    "beta_fast": (_positive, "a number > 0 (rotations over L0 above which a pair is kept)"),
+    "beta_slow": (_positive, "a number > 0 (rotations over L0 below which a pair is interpolated)"),
+    "attention_factor": (_positive, "a number > 0 (the scale of cos/sin, i.e. sqrt(1/t))"),
+    "low_freq_factor": (_positive, "a number > 0"),
+    "high_freq_factor": (_positive, "a number > 0"),
+    "p": (lambda v: _is_number(v) and 0 < v < 1, "a number between 0 and 1 (exclusive)"),
+    "short_factor": (_factor_list, "a list of numbers > 0, one per rotary frequency pair"),
+    "long_factor": (_factor_list, "a list of numbers > 0, one per rotary frequency pair"),
+    "factors_file": (
+        lambda v: isinstance(v, str) and bool(v.strip()),
+        "a path to a JSON or YAML file with short_factor and long_factor",
+    ),
+}
+
+
+def resolve(
+    name: str,
+    params: dict,
+    base: BaseRope,
+    where: str = "method",
+    length: int | None = None,
+    model: str | None = None,
+) -> RopeSpec:
+    """Check ``params`` for method ``name`` and build its RoPE spec (``where``: the config key;
+    ``length``: the cell's length, which ``factor: auto`` needs unless ``base`` is nominal;
+    ``model``: how a refusal names the model)."""
     method = get(name)
-    params = dict(params or {})
+    params = _checked(method, dict(params or {}), where)
+    if params.get("factor") == AUTO:
+        if length is None and not base.nominal:
+            raise ConfigError(
+                f"{where}.factor: auto scales by each cell's length, and none was given; pass the "
+                "cell's length (ropelens sets it from --length)"
+            )
+        s = AUTO_NOMINAL if length is None else max(1.0, length / base.pretrained_length)
+        params["factor"] = s
+    try:
+        spec = method.build(base, params)
+    except ParameterError as e:
+        raise ConfigError(f"{where}.{e.key}: {e.text}") from None
+    except Refusal as e:
+        to = f" to {model}" if model else ""
+        raise ConfigError(f"{where}: method '{name}' cannot apply{to}: {e}") from None
+    factor = params.get("factor")
+    return replace(spec, factor=None if factor is None else float(factor))
+
+
+def _checked(method: Method, params: dict, where: str) -> dict:
+    """``params`` with every key allowed, required ones present and values well-typed."""
+    name = method.name
     allowed = set(method.required) | set(method.optional)
     for key in params:
         if key not in allowed:
@@ -85,35 +181,95 @@ def resolve(name: str, params: dict, base: BaseRope, where: str = "method") -> R
             )
     for key in method.required:
         if key not in params:
+            example = {"rope_theta": 500000, "p": 0.75}.get(key, 4)
             raise ConfigError(
-                f"{where}.{key}: method '{name}' requires '{key}'; add it (e.g. {key}: 4)"
+                f"{where}.{key}: method '{name}' requires '{key}'; add it (e.g. {key}: {example})"
             )
-    if "factor" in params:
-        factor = params["factor"]
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1:
+    for key, value in params.items():
+        if key == "factor":
+            _check_factor(method, value, where)
+        elif key in PARAMETERS and not PARAMETERS[key][0](value):
+            raise ConfigError(f"{where}.{key}: must be {PARAMETERS[key][1]} (got {value!r})")
+    return params
+
+
+def _check_factor(method: Method, factor, where: str) -> None:
+    if factor == AUTO:
+        if not method.auto_factor:
+            able = ", ".join(m.name for m in REGISTRY.values() if m.auto_factor)
             raise ConfigError(
-                f"{where}.factor: must be a number > 1 (got {factor!r}); "
-                "use method 'rope' for an unscaled model"
+                f"{where}.factor: auto (s = max(1, L/L0) per cell) is not available for method "
+                f"'{method.name}'; give a number > 1 (auto works with {able})"
             )
-    return method.build(base, params)
+        return
+    if not _is_number(factor) or not factor > 1:
+        auto = ", or factor: auto for max(1, L/L0) per cell" if method.auto_factor else ""
+        raise ConfigError(
+            f"{where}.factor: must be a number > 1 (got {factor!r}); "
+            f"use method 'rope' for an unscaled model{auto}"
+        )
+
+
+def table() -> str:
+    """The README's methods table (between its methods markers), from the registry."""
+    lines = [
+        "| method | side | parameters | transformers `rope_parameters` | what it does | paper |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in REGISTRY.values():
+        params = [f"`{k}`" + (" (or `auto`)" if k == "factor" and m.auto_factor else "")
+                  for k in m.required]  # fmt: skip
+        params += [f"[`{k}`]" for k in m.optional]
+        row = [f"`{m.name}`", m.side, ", ".join(params) or "—", m.writes, m.summary, m.paper]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def uses_length(params: dict | None) -> bool:
+    """Whether a method's parameters depend on the cell's length (``factor: auto``)."""
+    return (params or {}).get("factor") == AUTO
 
 
 def _theta(base: BaseRope, params: dict) -> float:
     return float(params.get("rope_theta", base.theta))
 
 
-@register("rope", "original RoPE, unchanged (theta may be overridden)", optional=("rope_theta",))
+PI_PAPER = "Chen et al. 2023, arXiv 2306.15595"
+YARN_PAPER = "Peng et al. 2023, arXiv 2309.00071"
+
+
+@register(
+    "rope",
+    "original RoPE, unchanged (theta may be overridden)",
+    writes="`default`",
+    optional=("rope_theta",),
+    paper="Su et al. 2021, arXiv 2104.09864",
+)
 def _rope(base: BaseRope, params: dict) -> RopeSpec:
     return RopeSpec({"rope_type": "default", "rope_theta": _theta(base, params)})
 
 
-@register("pi", "Position Interpolation: positions divided by factor", required=("factor",))
+@register(
+    "pi",
+    "Position Interpolation: positions divided by factor",
+    writes="`linear`",
+    required=("factor",),
+    paper=PI_PAPER,
+    auto_factor=True,
+)
 def _pi(base: BaseRope, params: dict) -> RopeSpec:
     factor = float(params["factor"])
     return RopeSpec({"rope_type": "linear", "rope_theta": base.theta, "factor": factor})
 
 
-@register("ntk", "NTK-aware: base theta scaled by factor^(d/(d-2))", required=("factor",))
+@register(
+    "ntk",
+    "NTK-aware: base theta scaled by factor^(d/(d-2))",
+    writes="`default` with θ·s^(d/(d−2))",
+    required=("factor",),
+    paper="bloc97 2023 (reddit r/LocalLLaMA); YaRN paper §3.1",
+    auto_factor=True,
+)
 def _ntk(base: BaseRope, params: dict) -> RopeSpec:
     d = base.rotary_dim
     theta = base.theta * float(params["factor"]) ** (d / (d - 2))
@@ -123,7 +279,9 @@ def _ntk(base: BaseRope, params: dict) -> RopeSpec:
 @register(
     "dynamic-ntk",
     "Dynamic NTK: NTK scaling that grows with the current sequence length",
+    writes="`dynamic`",
     required=("factor",),
+    paper="emozilla 2023 (reddit r/LocalLLaMA); YaRN paper §3.3",
 )
 def _dynamic_ntk(base: BaseRope, params: dict) -> RopeSpec:
     # transformers reads the original length from max_position_embeddings for this rope type
@@ -133,13 +291,9 @@ def _dynamic_ntk(base: BaseRope, params: dict) -> RopeSpec:
     )
 
 
-@register(
-    "yarn",
-    "YaRN: NTK-by-parts interpolation with attention temperature 0.1 ln(s) + 1",
-    required=("factor",),
-    optional=("beta_fast", "beta_slow", "attention_factor"),
-)
-def _yarn(base: BaseRope, params: dict) -> RopeSpec:
+def _ramp(base: BaseRope, params: dict, attention_factor=None) -> RopeSpec:
+    """transformers' ``yarn`` rope type: the NTK-by-parts ramp, with YaRN's attention factor
+    0.1 ln(s) + 1 unless ``attention_factor`` is given."""
     factor = float(params["factor"])
     rope = {
         "rope_type": "yarn",
@@ -150,25 +304,59 @@ def _yarn(base: BaseRope, params: dict) -> RopeSpec:
         "beta_slow": float(params.get("beta_slow", 1.0)),
         "truncate": True,
     }
-    if "attention_factor" in params:
-        rope["attention_factor"] = float(params["attention_factor"])
+    if not rope["beta_fast"] > rope["beta_slow"]:
+        raise ParameterError(
+            "beta_fast", f"must be greater than beta_slow ({rope['beta_slow']:g}); got "
+            f"{rope['beta_fast']:g}"
+        )  # fmt: skip
+    if attention_factor is not None:
+        rope["attention_factor"] = float(attention_factor)
     # transformers warns unless max_position_embeddings / original == factor
     overrides = {"max_position_embeddings": int(math.ceil(factor * base.pretrained_length))}
     return RopeSpec(rope, overrides)
 
 
 @register(
+    "yarn",
+    "YaRN: NTK-by-parts interpolation with attention temperature 0.1 ln(s) + 1",
+    writes="`yarn`",
+    required=("factor",),
+    optional=("beta_fast", "beta_slow", "attention_factor"),
+    paper=YARN_PAPER,
+    auto_factor=True,
+)
+def _yarn(base: BaseRope, params: dict) -> RopeSpec:
+    return _ramp(base, params, params.get("attention_factor"))
+
+
+@register(
+    "ntk-by-parts",
+    "NTK-by-parts: YaRN's ramp between kept and interpolated pairs, without its temperature",
+    writes="`yarn` with `attention_factor` 1",
+    required=("factor",),
+    optional=("beta_fast", "beta_slow"),
+    paper=f"{YARN_PAPER}, §3.2 (ramp as in its reference code)",
+    auto_factor=True,
+)
+def _ntk_by_parts(base: BaseRope, params: dict) -> RopeSpec:
+    return _ramp(base, params, attention_factor=1.0)
+
+
+@register(
     "llama3",
     "Llama 3.1: low frequencies divided by factor, high kept, smooth in between",
+    writes="`llama3`",
     required=("factor",),
     optional=("low_freq_factor", "high_freq_factor"),
+    paper="Llama 3 herd, Dubey et al. 2024, arXiv 2407.21783",
+    auto_factor=True,
 )
 def _llama3(base: BaseRope, params: dict) -> RopeSpec:
     low = float(params.get("low_freq_factor", 1.0))
     high = float(params.get("high_freq_factor", 4.0))
     if not high > low:
-        raise ConfigError(
-            f"llama3: high_freq_factor ({high}) must be greater than low_freq_factor ({low})"
+        raise ParameterError(
+            "high_freq_factor", f"must be greater than low_freq_factor ({low:g}); got {high:g}"
         )
     return RopeSpec(
         {
@@ -180,6 +368,115 @@ def _llama3(base: BaseRope, params: dict) -> RopeSpec:
             "original_max_position_embeddings": base.pretrained_length,
         }
     )
+
+
+@register(
+    "abf",
+    "Adjusted base frequency: RoPE with a new base theta (CodeLlama 1e6, Llama 2 Long 5e5)",
+    writes="`default` with the new θ",
+    required=("rope_theta",),
+    paper="Xiong et al. 2023, arXiv 2309.16039; CodeLlama, Rozière et al. 2023, arXiv 2308.12950",
+)
+def _abf(base: BaseRope, params: dict) -> RopeSpec:
+    return RopeSpec({"rope_type": "default", "rope_theta": float(params["rope_theta"])})
+
+
+@register(
+    "longrope",
+    "LongRoPE: per-pair rescale factors, long_factor (inline or in factors_file) beyond L0, "
+    "short_factor (default 1) within",
+    writes="`longrope`",
+    required=("factor",),
+    optional=("short_factor", "long_factor", "factors_file", "attention_factor"),
+    paper="Ding et al. 2024, arXiv 2402.13753 (Phi-3)",
+)
+def _longrope(base: BaseRope, params: dict) -> RopeSpec:
+    short, long = longrope_factors(params)
+    n = base.rotary_dim // 2
+    for key, factors in (("short_factor", short), ("long_factor", long)):
+        if factors is not None and len(factors) != n and not base.nominal:
+            raise ParameterError(
+                key, f"{len(factors)} factors, but the model rotates {n} frequency pairs "
+                f"(rotary dimension {base.rotary_dim}); give {n}"
+            )  # fmt: skip
+    factor = float(params["factor"])
+    rope = {
+        "rope_type": "longrope",
+        "rope_theta": base.theta,
+        "factor": factor,
+        # without short factors, RoPE is unchanged up to the pretrained length
+        "short_factor": [float(x) for x in short] if short else [1.0] * n,
+        "long_factor": [float(x) for x in long],
+        "original_max_position_embeddings": base.pretrained_length,
+    }
+    if "attention_factor" in params:
+        rope["attention_factor"] = float(params["attention_factor"])
+    overrides = {"max_position_embeddings": int(math.ceil(factor * base.pretrained_length))}
+    return RopeSpec(rope, overrides)
+
+
+def longrope_factors(params: dict) -> tuple[list | None, list]:
+    """(short_factor or None, long_factor) of LongRoPE parameters: inline, or from factors_file."""
+    if "factors_file" in params:
+        if "short_factor" in params or "long_factor" in params:
+            raise ParameterError("factors_file", "give the factors inline or in a file, not both")
+        loaded = read_factors(params["factors_file"])
+        return loaded.get("short_factor"), loaded["long_factor"]
+    if "long_factor" not in params:
+        raise ParameterError(
+            "long_factor", "LongRoPE needs long_factor (one number per rotary frequency pair) "
+            "inline, or factors_file"
+        )  # fmt: skip
+    return params.get("short_factor"), params["long_factor"]
+
+
+def read_factors(path) -> dict:
+    """short_factor / long_factor from a JSON or YAML file: at its top level, or in the
+    ``rope_parameters`` / ``rope_scaling`` of a Hugging Face config.json (Phi-3 and LongRoPE)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ParameterError("factors_file", f"'{path}' does not exist; check the path") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        why = getattr(e, "problem", None) or type(e).__name__
+        raise ParameterError("factors_file", f"'{path}' cannot be read ({why})") from None
+    for key in ("rope_parameters", "rope_scaling"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+    if not isinstance(data, dict) or "long_factor" not in data:
+        raise ParameterError(
+            "factors_file", f"'{path}' has no long_factor (at its top level, or in "
+            "rope_parameters / rope_scaling); give short_factor and long_factor lists"
+        )  # fmt: skip
+    out = {k: data[k] for k in ("short_factor", "long_factor") if data.get(k) is not None}
+    for key, value in out.items():
+        if not _factor_list(value):
+            raise ParameterError("factors_file", f"'{path}': {key} is not {PARAMETERS[key][1]}")
+    return out
+
+
+@register(
+    "p-rope",
+    "p-RoPE: only the fraction p of highest frequencies rotates, the rest carry no position",
+    writes="`proportional`",
+    required=("p",),
+    paper="Barbero et al. 2024, arXiv 2410.06205 (transformers' proportional type, Gemma 4)",
+)
+def _p_rope(base: BaseRope, params: dict) -> RopeSpec:
+    if base.partial_rotary_factor != 1.0:
+        raise Refusal(
+            f"its heads rotate only a fraction {base.partial_rotary_factor:g} of their "
+            "dimensions, and p-RoPE (transformers' proportional type) rotates whole heads"
+        )
+    rope = {
+        "rope_type": "proportional",
+        "rope_theta": base.theta,
+        "partial_rotary_factor": float(params["p"]),
+    }
+    return RopeSpec(rope, owns=("partial_rotary_factor",))
 
 
 # --- applying a method to a transformers config --------------------------------------------------
@@ -272,9 +569,9 @@ def apply(model_config, spec: RopeSpec, layer_type: str = FLAT):
     rope = dict(spec.rope_parameters)
     partial = getattr(model_config, "partial_rotary_factor", None)
     for key in ARCHITECTURE_KEYS:
-        if key in old:
+        if key in old and key not in spec.owns:
             rope[key] = old[key]
-    if partial is not None and partial != 1.0:
+    if partial is not None and partial != 1.0 and "partial_rotary_factor" not in spec.owns:
         rope.setdefault("partial_rotary_factor", partial)
     original = rope.get("original_max_position_embeddings")
     if original is not None and hasattr(model_config, "original_max_position_embeddings"):
@@ -293,10 +590,12 @@ def apply(model_config, spec: RopeSpec, layer_type: str = FLAT):
 class Applied:
     """What :func:`apply_method` did: the layer types it rewrote, and how (``longrope``: the
     method expressed exactly through LongRoPE per-dimension factors, for configs that accept no
-    other scaled rope type, e.g. Phi-3)."""
+    other scaled rope type, e.g. Phi-3), and the scale factor it used (``factor: auto`` resolved
+    at the cell's length; None for methods without a factor)."""
 
     layer_types: tuple[str, ...]
     expressed_as: str | None = None
+    factor: float | None = None
 
 
 def apply_method(
@@ -307,8 +606,10 @@ def apply_method(
     layer_types=None,
     where: str = "method",
     model: str = "the model",
+    length: int | None = None,
 ) -> Applied:
-    """Apply method ``name`` to ``model_config`` (in place), per targeted layer type.
+    """Apply method ``name`` to ``model_config`` (in place), per targeted layer type, for a
+    cell of ``length`` tokens (needed by ``factor: auto`` only).
 
     A combination transformers refuses, or that would silently be another method, is one
     :class:`ConfigError` line naming the model, the method and the reason.
@@ -321,7 +622,7 @@ def apply_method(
             "(a heterogeneous transformers config), which ropelens does not rescale"
         )
     targets = target_layer_types(model_config, layer_types, where)
-    how = None
+    how, factor = None, None
     for layer_type in targets:
         native = (rope_layers(model_config)[layer_type] or {}).get("rope_type", "default")
         if native not in REPLACEABLE_TYPES:
@@ -330,9 +631,10 @@ def apply_method(
                 f"rope type '{native}', part of the architecture, which the method would replace"
             )
         base = base_rope(model_config, pretrained_length, layer_type)
-        spec = resolve(name, params, base, where=where)
+        spec = resolve(name, params, base, where=where, length=length, model=model)
         how = _apply_validated(model_config, spec, base, layer_type, name, where, model) or how
-    return Applied(tuple(targets), how)
+        factor = spec.factor if factor is None else factor
+    return Applied(tuple(targets), how, factor)
 
 
 def _apply_validated(model_config, spec, base, layer_type, name, where, model) -> str | None:
@@ -357,10 +659,13 @@ def _apply_validated(model_config, spec, base, layer_type, name, where, model) -
         except (ValueError, KeyError):
             for key, value in saved.items():
                 setattr(model_config, key, value)
+    kind = spec.rope_parameters["rope_type"]
     why = (
-        "dynamic NTK changes with the sequence length, which LongRoPE factors cannot express"
-        if longrope is None
-        else "its LongRoPE form is refused too"
+        "its LongRoPE form is refused too"
+        if longrope is not None
+        else "dynamic NTK changes with the sequence length, which LongRoPE factors cannot express"
+        if kind == "dynamic"
+        else f"rope type '{kind}' has no LongRoPE form"
     )
     raise ConfigError(
         f"{where}: method '{name}' cannot apply to {model}: transformers' "
@@ -388,9 +693,10 @@ def as_longrope(spec: RopeSpec, base: BaseRope) -> RopeSpec | None:
     """``spec`` as LongRoPE parameters when that is exactly the method: a static rescaling of
     every frequency (PI, YaRN, Llama 3) becomes per-dimension factors f_i = theta_i / theta'_i
     with the method's attention factor; NTK-aware is a base change (``default``) and needs none;
-    dynamic NTK changes with the sequence length and has no LongRoPE form (None)."""
+    dynamic NTK changes with the sequence length and has no LongRoPE form (None), nor has p-RoPE
+    (its zero frequencies), nor LongRoPE itself when the config refused it."""
     rope_type = spec.rope_parameters["rope_type"]
-    if rope_type == "dynamic":
+    if rope_type in ("dynamic", "proportional", "longrope"):
         return None
     if rope_type == "default":
         return spec

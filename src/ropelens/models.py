@@ -85,13 +85,23 @@ def configured(spec: dict):
         layer_types=spec.get("layer_types"),
         where=f"methods.{spec['method']}",
         model=f"model '{spec['model']}' ({type(config).__name__})",
+        length=spec.get("length"),
     )
     return config, applied
 
 
+def at_length(spec: dict, length: int) -> dict:
+    """The cell spec of a cell of ``length`` tokens: with ``length`` where the method depends on
+    it (``factor: auto``), else ``spec`` itself (one spec, one loaded model, for every length)."""
+    if methods.uses_length(spec.get("params")) and spec.get("apply", True):
+        return {**spec, "length": int(length)}
+    return spec
+
+
 def rope_record(config, applied=None) -> dict:
     """What a cell records about its RoPE: the rope parameters of the layer types the method
-    rewrote (the first, when several), those layer types, and every layer type's parameters."""
+    rewrote (the first, when several), those layer types, every layer type's parameters, and the
+    scale factor the method used (None: no method applied, or one without a factor)."""
     layers = methods.rope_layers(config)
     types = list(applied.layer_types) if applied else sorted(layers)
     first = types[0] if types else methods.FLAT
@@ -99,6 +109,7 @@ def rope_record(config, applied=None) -> dict:
         "rope_parameters": dict(layers.get(first) or {}),
         "layer_types": types,
         "expressed_as": applied.expressed_as if applied else None,
+        "factor": applied.factor if applied else None,
         "by_layer_type": {k: dict(v) for k, v in layers.items()},
     }
 
