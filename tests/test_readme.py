@@ -46,6 +46,7 @@ HOW = {
     'bash scripts/slurm-local.sh start && eval "$(bash scripts/slurm-local.sh env)"': "script",
     "python bench/slurm_roundtrip.py --repeats 3 --chain 4": "flags",
     "HF_HUB_OFFLINE=1 snakemake -n --configfile configs/smollm2.yaml": "run",
+    "snakemake --cores 2 --configfile configs/methods.yaml": "dry",
     "HF_HUB_OFFLINE=1 snakemake -n --configfile configs/smollm2-long.yaml": "run",
     "snakemake --cores 2 --configfile config.yaml configs/tasks.yaml": "dry",
     "HF_HUB_OFFLINE=1 snakemake -n --configfile configs/smollm2.yaml configs/tasks-smollm2.yaml": (
