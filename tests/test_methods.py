@@ -632,3 +632,38 @@ def test_methods_config_shares_the_default_toy_base():
     used = {entry.get("method", label) for label, entry in extra["methods"].items()}
     assert {"ntk-by-parts", "abf", "longrope", "p-rope"} <= used
     assert any(methods.uses_length(entry) for entry in extra["methods"].values())
+
+
+def test_auto_factor_cell_records_the_factor_it_used(tmp_path, tiny_model_dir):
+    """A PPL cell with factor: auto, run as the workflow runs it (the CLI, --length): its factor
+    column and its recorded rope parameters are s = max(1, L / L0) of that cell, and its
+    perplexity is the one of PI at that fixed factor."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from ropelens import cli
+
+    from .conftest import tiny_spec, token_table
+
+    tokens = tmp_path / "tokens.parquet"
+    pq.write_table(token_table([[(7 * i) % 250 for i in range(200)]]), tokens)
+    settings = {"protocol": "truncate", "max_documents": 1, "position_bins": 2}
+    nll = {}
+    for label, params, length in (
+        ("auto", {"factor": "auto"}, 32),
+        ("auto", {"factor": "auto"}, 160),
+        ("fixed", {"factor": 2.5}, 160),
+    ):
+        out = tmp_path / f"{label}-{length}.parquet"
+        spec = tiny_spec(tiny_model_dir, "pi", params)
+        argv = ["ppl", "--spec", json.dumps(spec), "--settings", json.dumps(settings)]
+        argv += ["--tokens", str(tokens), "--length", str(length), "--out", str(out)]
+        assert cli.main(argv) == 0
+        table = pq.read_table(out)
+        want = max(1.0, length / 64) if label == "auto" else 2.5
+        assert table.column("factor").to_pylist() == [want]
+        meta = table.schema.metadata
+        assert json.loads(meta[b"ropelens.rope_parameters"])["factor"] == want
+        nll[label, length] = table.column("nll_sum").to_pylist()[0]
+    assert nll["auto", 160] == pytest.approx(nll["fixed", 160], rel=1e-6)
