@@ -8,6 +8,7 @@ from snakemake.utils import update_config, validate
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from ropelens import config as rlconfig  # noqa: E402
 from ropelens import preflight  # noqa: E402
+from ropelens import runner_client  # noqa: E402
 from ropelens.errors import ConfigError  # noqa: E402
 
 # --- configuration: one line naming the key and the fix, before any job starts ------------------
@@ -43,10 +44,15 @@ onstart:
         sys.exit(f"ropelens: config error: {problems[0]}{more}")
 
 
+onsuccess:
+    runner_client.stop()
+
+
 onerror:
     # each failed job's one-line reason (the last line of its log) on Snakemake's stderr too
     for line in failed_job_lines(workflow):
         print(line, file=sys.stderr)
+    runner_client.stop()
 
 
 # --- jobs call the ropelens CLI as `python -m ropelens` from this checkout (src/) ---------------
@@ -60,6 +66,10 @@ rlconfig.export_job_environment(
         else sys.executable
     ),
 )
+# The warm runner (runtime.warm, src/ropelens/runner.py): this process's cells share one runner
+# that imports torch once and keeps their models; each cell runs in a fork of it. A Slurm job's
+# Snakemake gets its own. The runner ends with this process (and at onsuccess/onerror).
+runner_client.export_for_workflow(config["runtime"])
 
 PAIRS = rlconfig.model_method_pairs(config)
 MODELS = list(config["models"])

@@ -40,7 +40,14 @@ def test_defaults_are_filled():
     cfg = rlconfig.prepare(BASE)
     assert cfg["ppl"]["protocol"] == "truncate"
     assert cfg["depths"] == [0, 25, 50, 75, 100]
-    assert cfg["runtime"] == {"device": "auto", "dtype": "auto", "threads": 1}
+    assert cfg["runtime"] == {
+        "device": "auto",
+        "dtype": "auto",
+        "threads": 1,
+        "warm": True,
+        "warm_memory_mb": 4000,
+        "warm_idle_seconds": 300,
+    }
     assert cfg["corpora"]["c"]["split"] == "test"
     assert rlconfig.cell_settings(cfg, "needle")["placement"] == "gkamradt"
 

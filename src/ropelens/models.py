@@ -7,6 +7,7 @@ honoured (transformers reads it; we also pass ``local_files_only``).
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,10 +115,21 @@ def rope_record(config, applied=None) -> dict:
     }
 
 
+# Models a warm runner loaded before forking this process for a cell (ropelens.runner), by spec.
+PRELOADED: dict[str, Loaded] = {}
+
+
+def spec_key(spec: dict) -> str:
+    return json.dumps(spec, sort_keys=True)
+
+
 def load(spec: dict, attn_implementation: str | None = None, device: str | None = None) -> Loaded:
     """Load tokenizer + model for a cell spec (see ``ropelens.config.cell_spec``); by default
     with the model's own attention (transformers' choice: SDPA where the model supports it, else
-    eager, e.g. Gemma2's soft-capped logits)."""
+    eager, e.g. Gemma2's soft-capped logits). In a warm runner's cell, the model it loaded for
+    this spec, untouched (``PRELOADED``)."""
+    if attn_implementation is None and device is None and spec_key(spec) in PRELOADED:
+        return PRELOADED[spec_key(spec)]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     runtime = spec.get("runtime", {})

@@ -1,0 +1,238 @@
+"""The client side of the warm runner (``ropelens.runner``): standard library only, no torch.
+
+``python -m ropelens ppl|attention|needle ...`` asks the runner of its Snakemake process to run
+the cell when ``ROPELENS_RUNNER`` names one (a Unix socket; the workflow sets it, see
+:func:`export_for_workflow`): it sends its argv, working directory and environment, and passes
+its stdin/stdout/stderr file descriptors over the socket (SCM_RIGHTS), so ``2> {log}`` still
+writes the cell's log. It then waits for the cell's exit status and ends the same way: with its
+exit code, or killed by the same signal (137 in the shell for SIGKILL). If no runner answers, the
+first client starts one (a lock file against races); if none can be started, or the runner says
+so (a GPU cell, another environment), the cell runs cold in this process: always correct.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CELL_COMMANDS = ("ppl", "attention", "needle")
+ENV_SOCKET = "ROPELENS_RUNNER"
+ENV_OWNER = "ROPELENS_RUNNER_OWNER"
+ENV_MEMORY = "ROPELENS_RUNNER_MEMORY_MB"
+ENV_IDLE = "ROPELENS_RUNNER_IDLE_SECONDS"
+START_TIMEOUT = 180.0  # seconds a starting runner may take to import torch on a loaded machine
+HEADER = struct.Struct("!I")  # every message: its length, then JSON
+
+
+# --- the workflow side: one runner per Snakemake process -----------------------------------------
+
+
+def socket_path(pid: int) -> str:
+    """A socket path unique to the Snakemake process ``pid`` on this host (short: <= 100 chars)."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    if len(base) > 60 or not os.access(base, os.W_OK):
+        base = "/tmp"
+    host = socket.gethostname().split(".")[0][:24]
+    return f"{base}/ropelens-{os.getuid()}/{host}-{pid}.sock"
+
+
+def export_for_workflow(runtime: dict) -> None:
+    """Called by rules/common.smk in every Snakemake process: its cells use a runner owned by this
+    process (``runtime.warm``), or run cold (``warm: false``, or not on Linux)."""
+    for key in (ENV_SOCKET, ENV_OWNER, ENV_MEMORY, ENV_IDLE):
+        os.environ.pop(key, None)  # a Slurm job inherits the submitting process's: never reuse it
+    if not runtime.get("warm", True) or not sys.platform.startswith("linux"):
+        return
+    pid = os.getpid()
+    os.environ[ENV_SOCKET] = socket_path(pid)
+    os.environ[ENV_OWNER] = str(pid)
+    os.environ[ENV_MEMORY] = str(runtime.get("warm_memory_mb", 4000))
+    os.environ[ENV_IDLE] = str(runtime.get("warm_idle_seconds", 300))
+    become_subreaper()
+
+
+def become_subreaper() -> None:
+    """Orphans below this process (the runner, once the cell that started it ends) are adopted by
+    it, not by init: they stay in its process tree, where a Slurm without cgroups
+    (proctrack/linuxproc) counts their memory and ends them with the job."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
+def stop(path: str | None = None) -> bool:
+    """Ask the runner at ``path`` (default: this process's) to exit; False if none answered."""
+    path = path or os.environ.get(ENV_SOCKET)
+    sock = _connect(path) if path else None
+    if sock is None:
+        return False
+    with sock:
+        try:
+            _send(sock, {"op": "stop"})
+            return _receive(sock) is not None
+        except OSError:
+            return False
+
+
+# --- the cell side -------------------------------------------------------------------------------
+
+
+def cell_command(argv: list[str]) -> str | None:
+    """The subcommand of ``argv`` if it is a cell command (``--debug`` may come first)."""
+    words = [a for a in argv if a != "--debug"]
+    return words[0] if words and words[0] in CELL_COMMANDS else None
+
+
+def run(argv: list[str]) -> int | None:
+    """Run the cell through the runner; its exit status, or None: run it cold in this process."""
+    path = os.environ.get(ENV_SOCKET)
+    if not path or cell_command(argv) is None:
+        return None
+    sock = _connect_or_start(path)
+    if sock is None:
+        return None
+    signal.signal(signal.SIGINT, _interrupted)
+    with sock:
+        request = {"op": "run", "argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}
+        request.update(python=sys.executable, package=str(Path(__file__).resolve().parent))
+        try:
+            _send(sock, request, fds=_stdio())
+            reply = _receive(sock)
+        except OSError:
+            reply = None
+    if reply is None:  # the runner is gone (killed, or its workflow ended)
+        if not _alive(os.environ.get(ENV_OWNER)):
+            print("ropelens: error: the workflow that ran this cell has ended", file=sys.stderr)
+            return 1
+        print("ropelens: the warm runner stopped; running this cell cold", file=sys.stderr)
+        return None
+    if "cold" in reply:
+        return None
+    if "signal" in reply:  # end as the cell did: the shell shows 128 + signal
+        sig = reply["signal"]
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+        return 128 + sig
+    return reply["exit"]
+
+
+def _stdio() -> list[int]:
+    """This process's stdin/stdout/stderr (/dev/null for a closed one)."""
+    fds = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+            fds.append(fd)
+        except OSError:
+            fds.append(os.open(os.devnull, os.O_RDWR))
+    return fds
+
+
+def _interrupted(signum, frame):
+    print("ropelens: interrupted; no output written", file=sys.stderr)
+    os._exit(130)  # the runner sees the connection close and kills the cell
+
+
+def _connect(path: str) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+        return sock
+    except OSError:
+        sock.close()
+        return None
+
+
+def _connect_or_start(path: str) -> socket.socket | None:
+    sock = _connect(path)
+    if sock is not None:
+        return sock
+    try:
+        Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        import fcntl
+
+        lock = open(f"{path}.lock", "w")  # noqa: SIM115 (closed by the with below)
+    except OSError:
+        return None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one starter; the others wait, then connect
+        sock = _connect(path)
+        if sock is not None:
+            return sock
+        proc = _start(path)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline and proc is not None and proc.poll() is None:
+            sock = _connect(path)
+            if sock is not None:
+                return sock
+            time.sleep(0.05)
+    return None
+
+
+def _start(path: str) -> subprocess.Popen | None:
+    """Start a runner for this workflow (its own session: killing a job's process group spares
+    it; it ends with its owner). Its output goes to logs/runner/<host>-<owner>.log."""
+    owner = os.environ.get(ENV_OWNER) or str(os.getppid())
+    log = Path("logs/runner") / f"{socket.gethostname().split('.')[0]}-{owner}.log"
+    cmd = [sys.executable, "-m", "ropelens", "runner", "serve", "--socket", path]
+    cmd += ["--owner", owner, "--log", str(log)]
+    cmd += ["--memory-mb", os.environ.get(ENV_MEMORY, "4000")]
+    cmd += ["--idle-seconds", os.environ.get(ENV_IDLE, "300")]
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as out:
+            return subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
+    except OSError:
+        return None
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --- messages: a 4-byte length, then JSON; the first one may carry file descriptors ------------
+
+
+def _send(sock: socket.socket, obj: dict, fds: list[int] | None = None) -> None:
+    data = json.dumps(obj).encode()
+    data = HEADER.pack(len(data)) + data
+    sent = socket.send_fds(sock, [data], fds) if fds else sock.send(data)
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
+def _receive(sock: socket.socket, data: bytes = b""):
+    """The next message (``data``: bytes of it already read); None at end of stream."""
+    while True:
+        if len(data) >= HEADER.size:
+            (n,) = HEADER.unpack(data[: HEADER.size])
+            if len(data) >= HEADER.size + n:
+                return json.loads(data[HEADER.size : HEADER.size + n])
+        more = sock.recv(1 << 16)
+        if not more:
+            return None
+        data += more
