@@ -1,4 +1,5 @@
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -66,10 +67,33 @@ rlconfig.export_job_environment(
         else sys.executable
     ),
 )
+
+
 # The warm runner (runtime.warm, src/ropelens/runner.py): this process's cells share one runner
 # that imports torch once and keeps their models; each cell runs in a fork of it. A Slurm job's
-# Snakemake gets its own. The runner ends with this process (and at onsuccess/onerror).
-runner_client.export_for_workflow(config["runtime"])
+# batch Snakemake starts its own at once (the cells of a bundle run as job steps, each its own
+# Snakemake, and share it). The runner ends with this process (and at onsuccess/onerror).
+def target_rules():
+    """The rules of a cluster job's ``--target-jobs`` (read from its command line when the DAG
+    settings are not there yet)."""
+    specs = getattr(workflow.dag_settings, "target_jobs", None)
+    if specs:
+        return {t.rulename for t in specs}
+    rules, taking = set(), False
+    for arg in sys.argv:
+        if arg.startswith("--"):
+            taking = arg == "--target-jobs"
+        elif taking:
+            rules.add(arg.split(":")[0])
+    return rules
+
+
+runner_client.export_for_workflow(
+    config["runtime"],
+    start=bool(os.environ.get("SLURM_JOB_ID"))
+    and workflow.remote_exec
+    and bool(target_rules() & set(rlconfig.CELL_RULES)),
+)
 
 PAIRS = rlconfig.model_method_pairs(config)
 MODELS = list(config["models"])

@@ -43,6 +43,8 @@ HOW = {
         "flags"
     ),
     "python bench/cell_overhead.py --lengths 256 1024 4096 --repeats 3": "flags",
+    "python bench/cell_overhead.py --lengths 256 1024 4096 --repeats 3 --warm": "flags",
+    "python bench/cell_overhead.py --lengths 256 1024 4096 --repeats 3 --snakemake": "flags",
     'bash scripts/slurm-local.sh start && eval "$(bash scripts/slurm-local.sh env)"': "script",
     "python bench/slurm_roundtrip.py --repeats 3 --chain 4": "flags",
     "HF_HUB_OFFLINE=1 snakemake -n --configfile configs/smollm2.yaml": "run",

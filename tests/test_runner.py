@@ -288,7 +288,7 @@ def test_a_killed_runner_is_replaced_and_other_environments_run_cold(inputs, tmp
         third = run(argv(inputs, "ppl", "pi", SHORT, tmp_path / "c.parquet"), other, tmp_path)
         assert third.returncode == 0, third.stderr[-2000:]
         assert [e["reason"] for e in events(tmp_path, "cold")] == [
-            "another environment (variables read at import time differ)"
+            "another environment (read at import time: HF_HOME)"
         ]
         for name in ("b", "c"):
             assert pq.read_table(tmp_path / f"{name}.parquet").equals(

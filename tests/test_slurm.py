@@ -1,7 +1,8 @@
 """The micro workflow on a real Slurm (one node on loopback, scripts/slurm-local.sh).
 
 Runs through profiles/slurm with `--executor slurm`: its Parquet cells must equal a local run's,
-short cells are bundled into group jobs, a cell killed for memory is retried with more memory and,
+short cells are bundled into group jobs and each job's warm runner loads a (model, method) once
+for all its cells, a cell killed for memory is retried with more memory and,
 if it still fails, leaves no partial file; a partition the cluster does not have is one line.
 
 Skipped with the reason when Slurm is not installed or cannot be started; CI sets
@@ -11,12 +12,14 @@ is killed as a process group (the executor plugin has ignored SIGTERM before).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -117,6 +120,13 @@ def test_micro_on_slurm_equals_local(slurm_run, snakemake, tmp_path):
     assert sub.count("group") == 2, sub
     assert "ppl" not in sub and "attention" not in sub
     assert {"tiny_model", "tokenize"} <= set(sub)
+    # the warm runner: each Slurm job's Snakemake has its own, which loads a (model, method) once
+    # however many of the bundle's cells use it
+    loads, served = runner_counts(workdir)
+    assert sum(sum(c.values()) for c in served.values()) == 8  # every cell ran warm
+    for log in served:
+        assert loads[log] == Counter(set(served[log])), (log, loads[log], served[log])
+    assert max(n for c in served.values() for n in c.values()) >= 2, served  # reused in a bundle
     # the same cells, computed locally from the same model and tokens
     local = tmp_path / "local"
     (local / "results").mkdir(parents=True)
@@ -175,6 +185,19 @@ def test_partition_the_cluster_lacks_is_one_line(slurm, tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == ours[0]
     assert "Traceback" not in proc.stderr and "submitted" not in proc.stdout + proc.stderr
     assert not (tmp_path / "results").exists()
+
+
+def runner_counts(workdir: Path):
+    """Per runner log (one per Snakemake process): model loads and cells, by (model, method)."""
+    loads, served = {}, {}
+    for log in sorted((workdir / "logs/runner").glob("*.log")):
+        events = [json.loads(ln) for ln in log.read_text().splitlines() if ln.startswith("{")]
+        pairs = {k: [(e["model"], e["method"]) for e in events if e["event"] == k] for k in KINDS}
+        loads[log.name], served[log.name] = Counter(pairs["load"]), Counter(pairs["cell"])
+    return loads, served
+
+
+KINDS = ("load", "cell")
 
 
 def yaml_copy(obj):

@@ -418,7 +418,9 @@ def cmd_runner(args) -> int:
         return 0
     from ropelens import runner
 
-    return runner.serve(args.socket, args.owner, args.memory_mb, args.idle_seconds, args.log)
+    return runner.serve(
+        args.socket, args.owner, args.memory_mb, args.idle_seconds, args.log, args.lock_fd
+    )
 
 
 # --- parser ----------------------------------------------------------------------------------
@@ -608,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--memory-mb", type=float, default=4000, help="budget of the kept models")
     s.add_argument("--idle-seconds", type=float, default=300, help="exit after this long idle")
     s.add_argument("--log", help="append one JSON line per event here (default: stderr)")
+    s.add_argument("--lock-fd", type=int, help="an inherited start lock, released when listening")
     s.set_defaults(func=cmd_runner)
 
     from ropelens import toy

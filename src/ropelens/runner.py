@@ -38,12 +38,18 @@ IMPORT_ENV += ("KMP_", "NUMBA_", "TOKENIZERS_", "LD_")
 FRESH_SEED = 67280421310721  # torch's default generator seed in a fresh process
 
 
+# thread counts Snakemake sets per job: the child sets torch's own (below), so they may differ
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS")
+THREAD_ENV += ("VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
 def fingerprint(env: dict) -> dict:
-    return {k: v for k, v in env.items() if k.startswith(IMPORT_ENV) and k != "PYTHONWARNINGS"}
+    skip = ("PYTHONWARNINGS", *THREAD_ENV)
+    return {k: v for k, v in env.items() if k.startswith(IMPORT_ENV) and k not in skip}
 
 
 class Server:
-    def __init__(self, path: str, owner: int, memory_mb: float, idle_s: float, log):
+    def __init__(self, path, owner: int, memory_mb: float, idle_s: float, log, lock_fd=None):
         self.path, self.owner, self.budget = path, owner, memory_mb * 2**20
         self.idle_s, self.log_file = idle_s, log
         self.env = fingerprint(os.environ)
@@ -53,6 +59,7 @@ class Server:
         self.sel = selectors.DefaultSelector()
         self.last = time.monotonic()
         self.stopping = False
+        self.lock_fd = lock_fd
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -62,6 +69,8 @@ class Server:
             os.unlink(self.path)  # a dead runner's socket (the starter holds the lock)
         self.listener.bind(self.path)
         self.listener.listen(64)
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)  # listening: cells waiting to start a runner connect instead
         self.sel.register(self.listener, selectors.EVENT_READ)
         # a finished child wakes the loop at once (SIGCHLD -> wakeup fd), not at the next poll
         self.wake, wake_w = socket.socketpair()
@@ -124,8 +133,12 @@ class Server:
             return f"another interpreter ({request.get('python')})"
         if request.get("package") != str(Path(rc.__file__).resolve().parent):
             return "another ropelens checkout"
-        if fingerprint(request.get("env", {})) != self.env:
-            return "another environment (variables read at import time differ)"
+        theirs = fingerprint(request.get("env", {}))
+        if theirs != self.env:
+            keys = sorted(
+                k for k in theirs.keys() | self.env.keys() if theirs.get(k) != self.env.get(k)
+            )
+            return f"another environment (read at import time: {', '.join(keys)})"
         return None
 
     # --- one cell -------------------------------------------------------------------------------
@@ -311,7 +324,7 @@ def _child(parent: int, fds, request, entry, spec, sockets) -> None:
 
         from ropelens import cli, models
 
-        torch.set_num_threads(DEFAULT_THREADS)  # a fresh process's, until the cell sets its own
+        torch.set_num_threads(_fresh_threads(request["env"]))  # until the cell sets its own
         models.PRELOADED.clear()
         if entry is not None:
             loaded, state, _ = entry
@@ -374,6 +387,14 @@ def _prepare() -> None:
     with contextlib.suppress(Exception):  # numba: attention loads it once a cell repays it
         importlib.import_module("ropelens.rowstats")
     importlib.import_module("ropelens.config").schema()
+
+
+def _fresh_threads(env: dict) -> int:
+    """torch's thread count in a fresh process with ``env`` (OMP_NUM_THREADS, else the cores)."""
+    try:
+        return max(1, int(env.get("OMP_NUM_THREADS", "")))
+    except ValueError:
+        return DEFAULT_THREADS
 
 
 def _cpu_cell(spec: dict) -> bool:
@@ -463,11 +484,11 @@ def _alive(pid: int, start) -> bool:
     return start is None or now is None or now == start  # not a reused pid
 
 
-def serve(path: str, owner: int, memory_mb: float, idle_s: float, log: str | None) -> int:
+def serve(path, owner: int, memory_mb: float, idle_s: float, log, lock_fd=None) -> int:
     out = open(log, "a", buffering=1) if log else sys.stderr  # noqa: SIM115 (the runner's life)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
-    server = Server(path, owner, memory_mb, idle_s, out)  # env fingerprint before _prepare
+    server = Server(path, owner, memory_mb, idle_s, out, lock_fd)  # env fingerprint first
     _prepare()
     server.serve()
     return 0

@@ -27,6 +27,7 @@ ENV_SOCKET = "ROPELENS_RUNNER"
 ENV_OWNER = "ROPELENS_RUNNER_OWNER"
 ENV_MEMORY = "ROPELENS_RUNNER_MEMORY_MB"
 ENV_IDLE = "ROPELENS_RUNNER_IDLE_SECONDS"
+ENV_JOB = "ROPELENS_RUNNER_SLURM_JOB"
 START_TIMEOUT = 180.0  # seconds a starting runner may take to import torch on a loaded machine
 HEADER = struct.Struct("!I")  # every message: its length, then JSON
 
@@ -43,10 +44,18 @@ def socket_path(pid: int) -> str:
     return f"{base}/ropelens-{os.getuid()}/{host}-{pid}.sock"
 
 
-def export_for_workflow(runtime: dict) -> None:
+def export_for_workflow(runtime: dict, start: bool = False) -> None:
     """Called by rules/common.smk in every Snakemake process: its cells use a runner owned by this
-    process (``runtime.warm``), or run cold (``warm: false``, or not on Linux)."""
-    for key in (ENV_SOCKET, ENV_OWNER, ENV_MEMORY, ENV_IDLE):
+    process (``runtime.warm``), or run cold (``warm: false``, or not on Linux). In a Slurm job,
+    the Snakemake of each job step (the jobstep executor runs every cell of a bundle as its own
+    ``srun ... snakemake``) keeps the runner of the job's batch Snakemake. ``start``: start the
+    runner now, as a child of this process (a Slurm job's batch Snakemake: the runner then lives
+    in the job's batch step, not in the step of the cell that would start it)."""
+    job = os.environ.get("SLURM_JOB_ID", "")
+    inherited = os.environ.get(ENV_SOCKET)
+    if job and inherited and os.environ.get(ENV_JOB) == job and _alive(os.environ.get(ENV_OWNER)):
+        return
+    for key in (ENV_SOCKET, ENV_OWNER, ENV_MEMORY, ENV_IDLE, ENV_JOB):
         os.environ.pop(key, None)  # a Slurm job inherits the submitting process's: never reuse it
     if not runtime.get("warm", True) or not sys.platform.startswith("linux"):
         return
@@ -55,7 +64,33 @@ def export_for_workflow(runtime: dict) -> None:
     os.environ[ENV_OWNER] = str(pid)
     os.environ[ENV_MEMORY] = str(runtime.get("warm_memory_mb", 4000))
     os.environ[ENV_IDLE] = str(runtime.get("warm_idle_seconds", 300))
+    os.environ[ENV_JOB] = job
     become_subreaper()
+    if start:
+        start_now(os.environ[ENV_SOCKET])
+
+
+_STARTED: list = []  # the runner this process started (kept: no ResourceWarning at exit)
+
+
+def start_now(path: str) -> None:
+    """Start the runner without waiting for it. It holds the start lock until it listens, so a
+    cell arriving meanwhile waits for it instead of starting another."""
+    import fcntl
+
+    try:
+        Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return os.close(fd)  # being started already
+    proc = _start(path, lock_fd=fd)
+    os.close(fd)  # the runner's copy keeps the lock
+    if proc is not None:
+        _STARTED.append(proc)
 
 
 def become_subreaper() -> None:
@@ -180,7 +215,7 @@ def _connect_or_start(path: str) -> socket.socket | None:
     return None
 
 
-def _start(path: str) -> subprocess.Popen | None:
+def _start(path: str, lock_fd: int | None = None) -> subprocess.Popen | None:
     """Start a runner for this workflow (its own session: killing a job's process group spares
     it; it ends with its owner). Its output goes to logs/runner/<host>-<owner>.log."""
     owner = os.environ.get(ENV_OWNER) or str(os.getppid())
@@ -189,6 +224,8 @@ def _start(path: str) -> subprocess.Popen | None:
     cmd += ["--owner", owner, "--log", str(log)]
     cmd += ["--memory-mb", os.environ.get(ENV_MEMORY, "4000")]
     cmd += ["--idle-seconds", os.environ.get(ENV_IDLE, "300")]
+    if lock_fd is not None:
+        cmd += ["--lock-fd", str(lock_fd)]
     try:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as out:
@@ -199,6 +236,7 @@ def _start(path: str) -> subprocess.Popen | None:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
+                pass_fds=() if lock_fd is None else (lock_fd,),
             )
     except OSError:
         return None
