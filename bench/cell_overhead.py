@@ -16,9 +16,9 @@ Overhead = start + load: what every cell pays once, however small; it is what bu
 into group jobs cannot remove (each cell is still its own process) but what makes one cell per
 Slurm job wasteful.
 
---warm runs the same commands through a warm runner (ROPELENS_RUNNER, docs/runner.md) started by
-the first of them: start is then the client's interpreter, the fork and the cell's own reading
-and writing; load is ~0 once the runner holds the model (the first cell pays both; medians).
+--warm runs the same commands through a warm runner (ROPELENS_RUNNER, docs/runner.md), started
+and given the model by one untimed cell first: start is then the client's interpreter, the fork
+and the cell's own reading and writing; load is ~0 (the runner holds the model).
 
 --snakemake runs the cells as Snakemake runs them (--cores 1, one after the other), cold and then
 warm (runtime.warm), in one work folder: a cell's wall time is the gap between its Parquet file's
@@ -117,6 +117,7 @@ def main() -> None:
         print()
         print("| cell | length | wall s | start s | load s | compute s | overhead / compute |")
         print("|---|---|---|---|---|---|---|")
+        first = True
         for rule in args.rules:
             settings = rlconfig.cell_settings(cfg, rule) if rule != "ppl" else cfg["ppl"]
             for length in args.lengths:
@@ -126,6 +127,9 @@ def main() -> None:
                     cmd = [*py, rule, "--spec", json.dumps(spec), "--settings"]
                     cmd += [json.dumps(settings), "--tokens", str(tokens)]
                     cmd += ["--length", str(length), "--threads", "1", "--out", str(out)]
+                    if args.warm and first:  # start the runner, load the model: not timed
+                        run(cmd, cwd=tmp)
+                        first = False
                     wall = run(cmd, cwd=tmp)
                     meta = pq.read_schema(out).metadata
                     load = float(meta[b"ropelens.load_seconds"])

@@ -92,7 +92,7 @@ runner_client.export_for_workflow(
     config["runtime"],
     start=bool(os.environ.get("SLURM_JOB_ID"))
     and workflow.remote_exec
-    and bool(target_rules() & set(rlconfig.CELL_RULES)),
+    and bool(target_rules() & set(runner_client.CELL_COMMANDS)),
 )
 
 PAIRS = rlconfig.model_method_pairs(config)

@@ -343,6 +343,9 @@ print("ok")
 
 
 def test_cell_command_and_export(monkeypatch):
+    from ropelens import cli
+
+    assert runner_client.CELL_COMMANDS == cli.CELL_COMMANDS
     assert runner_client.cell_command(["--debug", "ppl", "--spec", "{}"]) == "ppl"
     assert runner_client.cell_command(["aggregate-ppl", "x"]) is None
     assert runner_client.cell_command(["runner", "serve"]) is None

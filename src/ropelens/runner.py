@@ -379,7 +379,7 @@ def _prepare() -> None:
     modules = ["pyarrow.parquet", "pyarrow.dataset", "pandas", "tqdm.auto", "transformers"]
     modules += ["ropelens.cli", "ropelens.models"]
     modules += [f"ropelens.{m}" for m in ("attention", "distributions", "io", "needle", "ppl")]
-    modules += ["ropelens.retrieval", "ropelens.schemas"]
+    modules += ["ropelens.retrieval", "ropelens.schemas", "ropelens.tasks", "ropelens.taskcells"]
     for name in modules:
         importlib.import_module(name)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401

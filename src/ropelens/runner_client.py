@@ -1,6 +1,6 @@
 """The client side of the warm runner (``ropelens.runner``): standard library only, no torch.
 
-``python -m ropelens ppl|attention|needle ...`` asks the runner of its Snakemake process to run
+``python -m ropelens ppl|attention|needle|task ...`` asks the runner of its Snakemake process to run
 the cell when ``ROPELENS_RUNNER`` names one (a Unix socket; the workflow sets it, see
 :func:`export_for_workflow`): it sends its argv, working directory and environment, and passes
 its stdin/stdout/stderr file descriptors over the socket (SCM_RIGHTS), so ``2> {log}`` still
@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-CELL_COMMANDS = ("ppl", "attention", "needle")
+CELL_COMMANDS = ("ppl", "attention", "needle", "task")  # as ropelens.cli.CELL_COMMANDS
 ENV_SOCKET = "ROPELENS_RUNNER"
 ENV_OWNER = "ROPELENS_RUNNER_OWNER"
 ENV_MEMORY = "ROPELENS_RUNNER_MEMORY_MB"
