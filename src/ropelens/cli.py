@@ -409,20 +409,6 @@ def cmd_aggregate_ppl(args) -> int:
     return 0
 
 
-def cmd_runner(args) -> int:
-    if args.action == "stop":
-        from ropelens import runner_client
-
-        stopped = runner_client.stop(args.socket)
-        print(f"{args.socket}: {'stopping' if stopped else 'no runner answers'}", file=sys.stderr)
-        return 0
-    from ropelens import runner
-
-    return runner.serve(
-        args.socket, args.owner, args.memory_mb, args.idle_seconds, args.log, args.lock_fd
-    )
-
-
 # --- parser ----------------------------------------------------------------------------------
 
 
@@ -597,22 +583,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_aggregate_needle)
 
     _task_commands(sub)
-    s = sub.add_parser(
-        "runner",
-        help="the warm runner: one process that runs a workflow's cells without start-up cost",
-        description="serve: import torch once, keep models loaded (under --memory-mb) and run each "
-        "cell sent to --socket in a fork of this process (the workflow starts it: runtime.warm, "
-        "see docs/runner.md); stop: ask the runner at --socket to exit.",
-    )
-    s.add_argument("action", choices=["serve", "stop"])
-    s.add_argument("--socket", required=True, help="Unix socket path")
-    s.add_argument("--owner", type=int, default=os.getppid(), help="exit when this pid is gone")
-    s.add_argument("--memory-mb", type=float, default=4000, help="budget of the kept models")
-    s.add_argument("--idle-seconds", type=float, default=300, help="exit after this long idle")
-    s.add_argument("--log", help="append one JSON line per event here (default: stderr)")
-    s.add_argument("--lock-fd", type=int, help="an inherited start lock, released when listening")
-    s.set_defaults(func=cmd_runner)
-
     from ropelens import toy
 
     toy.add_commands(sub)

@@ -1,6 +1,7 @@
 """The warm runner: a fork server that runs a Snakemake process's cells without start-up cost.
 
-One runner per Snakemake process (``ropelens runner serve``; started by the first cell's client,
+One runner per Snakemake process (``python -m ropelens.runner serve``; started by the first cell's
+client,
 ``ropelens.runner_client``) imports torch, transformers, pyarrow and ropelens once and keeps the
 models of the cells it served loaded, by cell spec, under a memory budget. For each cell it forks a
 child that takes the client's stdin/stdout/stderr, working directory and environment and runs the
@@ -11,7 +12,7 @@ out-of-memory kill. The parent never computes (torch at one thread, no OpenMP po
 fork) and never initialises CUDA: GPU cells run cold.
 
 The runner ends when its owner (the Snakemake process) is gone (polled every 0.2 s), after
-``--idle-seconds`` without a cell, or when asked (``ropelens runner stop``, the workflow's
+``--idle-seconds`` without a cell, or when asked (``python -m ropelens.runner stop``, the workflow's
 onsuccess/onerror); a child whose client went away is killed, and the children die with the
 runner (PR_SET_PDEATHSIG). Its log has one JSON line per event; ``"event": "load"`` lines count
 model loads.
@@ -492,3 +493,31 @@ def serve(path, owner: int, memory_mb: float, idle_s: float, log, lock_fd=None) 
     _prepare()
     server.serve()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m ropelens.runner",
+        description="serve: import torch once, keep models loaded (under --memory-mb) and run each "
+        "cell sent to --socket in a fork of this process (the workflow starts it: runtime.warm, "
+        "see docs/runner.md); stop: ask the runner at --socket to exit.",
+    )
+    p.add_argument("action", choices=["serve", "stop"])
+    p.add_argument("--socket", required=True, help="Unix socket path")
+    p.add_argument("--owner", type=int, default=os.getppid(), help="exit when this pid is gone")
+    p.add_argument("--memory-mb", type=float, default=4000, help="budget of the kept models")
+    p.add_argument("--idle-seconds", type=float, default=300, help="exit after this long idle")
+    p.add_argument("--log", help="append one JSON line per event here (default: stderr)")
+    p.add_argument("--lock-fd", type=int, help="an inherited start lock, released when listening")
+    args = p.parse_args(argv)
+    if args.action == "stop":
+        stopped = rc.stop(args.socket)
+        print(f"{args.socket}: {'stopping' if stopped else 'no runner answers'}", file=sys.stderr)
+        return 0
+    return serve(args.socket, args.owner, args.memory_mb, args.idle_seconds, args.log, args.lock_fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -220,7 +220,7 @@ def _start(path: str, lock_fd: int | None = None) -> subprocess.Popen | None:
     it; it ends with its owner). Its output goes to logs/runner/<host>-<owner>.log."""
     owner = os.environ.get(ENV_OWNER) or str(os.getppid())
     log = Path("logs/runner") / f"{socket.gethostname().split('.')[0]}-{owner}.log"
-    cmd = [sys.executable, "-m", "ropelens", "runner", "serve", "--socket", path]
+    cmd = [sys.executable, "-m", "ropelens.runner", "serve", "--socket", path]
     cmd += ["--owner", owner, "--log", str(log)]
     cmd += ["--memory-mb", os.environ.get(ENV_MEMORY, "4000")]
     cmd += ["--idle-seconds", os.environ.get(ENV_IDLE, "300")]
