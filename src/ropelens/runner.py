@@ -186,6 +186,7 @@ class Server:
         spec = getattr(args, "spec", None)
         if not isinstance(spec, dict):
             return None, None
+        spec = models.at_length(spec, args.length)  # what the cell loads (factor: auto)
         stamp = _source_stamp(request["cwd"], spec)
         key = json.dumps([request["cwd"], spec, stamp], sort_keys=True)
         if key in self.models:
