@@ -68,8 +68,8 @@ def test_repo_configs_are_valid():
     [
         (
             ["methods", "x"],
-            {"method": "rerope"},
-            "methods.x.method: unknown method 'rerope'; known",
+            {"method": "xpos"},
+            "methods.x.method: unknown method 'xpos'; known",
         ),
         (["methods", "pi"], {}, "methods.pi.factor: method 'pi' requires 'factor'"),
         (["methods", "pi", "factor"], 1, "methods.pi.factor: must be a number > 1"),

@@ -92,6 +92,19 @@ REFUSED = {
         if a.partial_rotary
     },
 }
+#: architectures whose queries and keys an attention-side method cannot move -> words of the line
+CANNOT_MOVE = {
+    **{n: "another layout than rotate-half" for n in ("glm", "glm4", "cohere")},
+    **{n: "another layout than rotate-half" for n in ("helium", "ernie4.5")},
+    **{n: "multi-head latent attention" for n in ("deepseek-v2", "deepseek-v3")},
+    **{n: "layers without RoPE" for n in ("smollm3", "llama4")},
+    **{n: "RoPE on some of its layers only" for n in ("exaone4", "cohere2")},
+}
+ATTENTION_SIDE = [m for m in methods.known() if methods.REGISTRY[m].side == "attention"]
+FREQUENCY_SIDE = [m for m in methods.known() if m not in ATTENTION_SIDE]
+for _name, _why in CANNOT_MOVE.items():
+    for _m in ATTENTION_SIDE:
+        REFUSED[(_name, _m)] = (f"its RoPE cannot be moved ({_why})", _why)
 NO_ROPE = {a.name: "no rotary position embedding" for a in archs.ARCHS if not a.has_rope}
 
 
@@ -104,7 +117,8 @@ def params_of(name: str, method: str) -> dict:
 #: how a method is written into transformers where not its own rope type
 EXPRESSED = {("phi3", m): "longrope" for m in ("pi", "yarn", "ntk-by-parts", "llama3")}
 ROPE_NAMES = [a.name for a in archs.ROPE_ARCHS]
-PASSING = [(a, m) for a in ROPE_NAMES for m in methods.known() if (a, m) not in REFUSED]
+PASSING = [(a, m) for a in ROPE_NAMES for m in FREQUENCY_SIDE if (a, m) not in REFUSED]
+MOVING = [(a, m) for a in ROPE_NAMES for m in ATTENTION_SIDE if (a, m) not in REFUSED]
 
 
 @pytest.fixture(scope="session")
@@ -539,6 +553,144 @@ def test_logits_equal_the_models_own_attention(name, arch_dir):
         assert (run() - own).abs().max() > 1e-3, key
 
 
+# --- attention-side methods: merged logits against eager attention at explicit positions --------
+# The reference rotates q and k with the model's *own* RoPE (its rotary module and
+# apply_rotary_pos_emb) at explicit far positions, written here from the papers, and computes the
+# attention eagerly in float64: logits from the model's q / k below the window, from the far ones
+# beyond, the model's mask, scaling and soft-cap. ropelens moves the model's rotated q / k instead.
+
+MOVED = {  # label -> (registry method, parameters, query far position, key far position)
+    "rerope": ("rerope", {"window": 12}, lambda i: 12.0 + 0 * i, lambda j: 0.0 * j),
+    "rerope-leaky": (
+        "rerope", {"window": 12, "leak": 4.0}, lambda i: i / 4 + 12 * (1 - 1 / 4), lambda j: j / 4
+    ),
+    "self-extend": (
+        "self-extend", {"window": 8, "group": 3}, lambda i: (i // 3) + 8 - 8 // 3, lambda j: j // 3
+    ),
+}  # fmt: skip
+MOVING_NAMES = sorted({a for a, _ in MOVING}, key=ROPE_NAMES.index)
+_STASH: list = []
+
+
+def _reference_attention(module, query, key, value, attention_mask, scaling=None, **kw):
+    """Eager attention over the merged logits: the far q / k that the patched RoPE stashed."""
+    qf, kf, window = _STASH.pop(0)
+    r = qf.shape[-1]  # StableLM, Phi: the attention rotates the first r dimensions itself
+    qf, kf = torch.cat([qf, query[..., r:]], -1), torch.cat([kf, key[..., r:]], -1)
+    g = query.shape[1] // key.shape[1]
+    k, v, kf = (t.repeat_interleave(g, 1).double() for t in (key, value, kf))
+    near = query.double() @ k.transpose(-1, -2)
+    far = qf.double() @ kf.transpose(-1, -2)
+    L = query.shape[2]
+    d = torch.arange(L)[:, None] - torch.arange(L)[None]
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    s = torch.where(d < window, near, far) * scaling
+    if kw.get("softcap") is not None:
+        s = kw["softcap"] * torch.tanh(s / kw["softcap"])
+    if attention_mask is not None:
+        s = s + attention_mask[..., :L].double()
+    p = torch.softmax(s, -1)
+    return (p @ v).to(query.dtype).transpose(1, 2).contiguous(), p.to(query.dtype)
+
+
+def moved_reference(model_dir, label: str, seq):
+    """(logits, per-layer probabilities) of the reference for method ``label`` over ``seq``."""
+    import sys
+
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    name, params, far_q, far_k = MOVED[label]
+    model = eager(model_dir)
+    AttentionInterface.register("ropelens_reference", _reference_attention)
+    AttentionMaskInterface.register("ropelens_reference", eager_mask)
+    model.set_attn_implementation("ropelens_reference")
+    rotary = methods.rotary_module(model)
+    from ropelens.positions import attention_modules
+
+    modeling = sys.modules[type(attention_modules(model)[0]).__module__]
+    pos = torch.arange(len(seq))
+    nested = isinstance(rotary.rope_type, dict)
+    x = torch.zeros(1, 1)
+    table = {}
+    for layer_type in methods.rope_layers(model.config) if nested else [None]:
+        kw = {"layer_type": layer_type} if nested else {}
+        with torch.no_grad():
+            table[layer_type] = [
+                rotary(x, p.double()[None], **kw) for p in (pos, far_q(pos), far_k(pos))
+            ]
+    own = modeling.apply_rotary_pos_emb
+
+    def patched(q, k, cos, sin, *args, **kwargs):
+        out = own(q, k, cos, sin, *args, **kwargs)
+        (c, _), qcs, kcs = next(v for v in table.values() if torch.equal(v[0][0], cos))
+        qf, _ = own(q, q, *qcs, *args, **kwargs)
+        _, kf = own(k, k, *kcs, *args, **kwargs)
+        _STASH.append((qf, kf, params["window"]))
+        return out
+
+    modeling.apply_rotary_pos_emb = patched
+    try:
+        with torch.no_grad():
+            out = model(torch.tensor([seq]), output_attentions=True, use_cache=False)
+    finally:
+        modeling.apply_rotary_pos_emb = own
+    assert not _STASH
+    return out.logits[0], [a[0].double().numpy() for a in out.attentions]
+
+
+@pytest.mark.parametrize("label", list(MOVED))
+@pytest.mark.parametrize("name", MOVING_NAMES)
+def test_attention_side_method_equals_eager_at_explicit_positions(name, label, arch_dir, kernel):
+    """A PPL-style forward (no recording) and an attention cell's statistics of a model loaded
+    with an attention-side method equal the reference (logits <= 1e-4, statistics <= 1e-4), and
+    the method changes the logits by far more than that (so the comparison can fail)."""
+    from ropelens import distributions
+
+    from .conftest import token_table
+
+    method, params, _, _ = MOVED[label]
+    d = arch_dir(name)
+    spec = {**spec_of(d, name, method), "params": params}
+    loaded = models.load(spec)
+    assert loaded.rope["positions"]["kind"] == method
+    seq = prompt_ids(LENGTH)
+    ref_logits, probs = moved_reference(d, label, seq)
+    with torch.no_grad():
+        ours = loaded.model(torch.tensor([seq])).logits[0]
+        plain = load_plain(d, name).model(torch.tensor([seq])).logits[0]
+    torch.testing.assert_close(ours, ref_logits, rtol=0, atol=1e-4)
+    assert (plain - ref_logits).abs().max() > 1e-2
+    settings = dict(
+        documents=1, query_fraction=0.5, position_bins=8, distance_bins=7, memory_budget_mb=1
+    )
+    table, _ = distributions.measure(loaded.model, token_table([seq]), LENGTH, settings)
+    from ropelens.attention import StatsSpec
+
+    cell_spec = StatsSpec(position_bins=8, distance_bins=7)
+    ref = reference(probs, cell_spec, [(q, LENGTH) for q in range(LENGTH // 2, LENGTH)])
+    assert_matches(table, ref, keys=("pos_mass", "dist_mass"))
+
+
+@pytest.mark.parametrize("name", MOVING_NAMES[:3])
+def test_attention_side_decoding_equals_the_uncached_forward(name, arch_dir):
+    """Cached decoding steps (as the needle cells generate) see the same moved positions as one
+    uncached forward: last-token logits within 1e-4."""
+    method, params, _, _ = MOVED["self-extend"]
+    loaded = models.load({**spec_of(arch_dir(name), name, method), "params": params})
+    seq = prompt_ids(LENGTH)
+    with torch.no_grad():
+        full = loaded.model(torch.tensor([seq])).logits[0]
+        out = loaded.model(torch.tensor([seq[:-3]]), use_cache=True)
+        steps = [out.logits[0, -1]]
+        for t in seq[-3:-1]:
+            out = loaded.model(
+                torch.tensor([[t]]), past_key_values=out.past_key_values, use_cache=True
+            )
+            steps.append(out.logits[0, -1])
+    torch.testing.assert_close(torch.stack(steps), full[-4:-1], rtol=0, atol=1e-4)
+
+
 # --- the README's supported-architectures table is this matrix ---------------------------------
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -611,7 +763,7 @@ def test_outcomes_are_the_matrix():
             if arch.name in NO_ROPE or (arch.name, m) in REFUSED:
                 assert got == "refused", (arch.name, m)
             else:
-                assert (arch.name, m) in PASSING
+                assert (arch.name, m) in PASSING + MOVING
                 longrope = EXPRESSED.get((arch.name, m)) == "longrope"
                 assert got == ("✓ (LongRoPE)" if longrope else "✓"), (arch.name, m)
 

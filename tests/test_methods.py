@@ -185,6 +185,8 @@ def example_params(name: str, rotary_dim: int, s: float = 4) -> dict:
         "rope": {},
         "abf": {"rope_theta": 20 * THETA},
         "p-rope": {"p": 0.75},
+        "rerope": {"window": 12},
+        "self-extend": {"window": 8, "group": 3},
         "longrope": {
             "factor": s,
             "long_factor": ramp,
@@ -480,16 +482,19 @@ def test_one_rope_for_every_layer_cannot_leave_a_layer_type_out():
 
 
 def test_partial_rotary_is_kept_wherever_transformers_keeps_it():
+    import copy
+
     from transformers import GPTNeoXConfig, Phi3Config, StableLmConfig
 
-    for cfg, partial in (
+    for original, partial in (
         (GPTNeoXConfig(hidden_size=64, num_attention_heads=4, rotary_pct=0.25), 0.25),
         (StableLmConfig(hidden_size=64, num_attention_heads=4), 0.25),
         (Phi3Config(hidden_size=64, num_attention_heads=4, partial_rotary_factor=0.5), 0.5),
     ):
         for name in methods.known():
-            if name == "dynamic-ntk" and isinstance(cfg, Phi3Config) or name == "p-rope":
+            if name == "dynamic-ntk" and isinstance(original, Phi3Config) or name == "p-rope":
                 continue  # refused (see test_p_rope_refuses_partial_rotary)
+            cfg = copy.deepcopy(original)
             methods.apply_method(cfg, name, example_params(name, int(16 * partial)), L0)
             assert cfg.rope_parameters["partial_rotary_factor"] == partial, (cfg, name)
             inv, _ = methods.inv_freq(cfg)
@@ -616,7 +621,7 @@ def test_hub_models_are_checked_from_the_cache_only(tmp_path):
 
 def test_methods_config_shares_the_default_toy_base():
     """configs/methods.yaml trains (or reuses) exactly config.yaml's toy base, on the same axes,
-    and names every frequency-side method beyond the paper's."""
+    and names every method beyond the paper's."""
     from pathlib import Path
 
     import yaml
@@ -630,7 +635,7 @@ def test_methods_config_shares_the_default_toy_base():
     for label in ("rope", "pi", "yarn"):
         assert extra["methods"][label] == default["methods"][label]
     used = {entry.get("method", label) for label, entry in extra["methods"].items()}
-    assert {"ntk-by-parts", "abf", "longrope", "p-rope"} <= used
+    assert set(methods.known()) - {"dynamic-ntk", "llama3", "ntk"} <= used
     assert any(methods.uses_length(entry) for entry in extra["methods"].values())
 
 

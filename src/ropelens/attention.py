@@ -26,6 +26,12 @@ positions are key slots (left padding included).
 Queries without any visible key (padding) are not counted. Keys after the query (non-causal masks)
 are in no distance bin. Inference only (no autograd through the output).
 
+Attention-side methods (``ropelens.positions``: ReRoPE, Self-Extend) live here too: on a module
+that carries a position map, each chunk's logits of (query, key) pairs at least the method's window
+apart come from the queries and keys further rotated to the method's positions, in every call —
+recording or not, so PPL, attention and needle cells all see the method (outside
+record_attention the chunks give the output and no statistics are kept).
+
 Soft-capped logits (Gemma2: s = cap * tanh(s / cap), before the mask) are capped here too, so the
 statistics see what the model's softmax sees. Outside record_attention the function is the model's
 own attention: SDPA, or its modeling file's eager attention where the model has no SDPA or asks for
@@ -63,6 +69,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
+from ropelens import positions as moves
 from ropelens.errors import RopelensError
 
 ATTN_IMPLEMENTATION = "ropelens_stats"
@@ -190,10 +197,12 @@ def stats_attention_forward(
     attention where SDPA cannot do what it asks); inside record_attention also the statistics."""
     rec = _ACTIVE
     _check_kwargs(module, kwargs)
-    if rec is None:
+    moved = getattr(module, moves.ATTR, None) is not None  # an attention-side method
+    if rec is None and not moved:
         return _plain_attention(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
         )
+    rec = rec or _silent_recorder()  # moved positions: the chunks' output, no statistics kept
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
         raise RuntimeError("ropelens_stats attention is inference-only: run under torch.no_grad()")
     if dropout > 0:
@@ -224,6 +233,7 @@ def stats_attention_forward(
     k32, v32 = key.to(f32), value.to(f32)
     acc = rec._acc(module.layer_idx, H, dev)
     rec.calls += 1
+    far = moves.far_logits(module, q32, k32, koff)  # attention-side: the far q / k set
 
     # Masses are differences of prefix sums S(c) = sum_{k<c} p_k taken at boundaries c = base (+ the
     # query position for distance bins): masses = S(boundaries) @ diff + const. S(0) = 0 and
@@ -270,6 +280,7 @@ def stats_attention_forward(
     fast = 0
     if FAST_PATH and off == 0 and koff == 0 and is_causal and attention_mask is None:
         fast = 0 if softcap is not None else min(max(spec.query_start, 0), Lq)
+        fast = fast if far is None else min(fast, far.window)  # all their distances are < w
     if fast:
         # GQA: repeat the kv heads (enable_gqa needs torch >= 2.5; pyproject allows 2.4)
         k_fast, v_fast = key[:, :, :fast], value[:, :, :fast]
@@ -324,6 +335,8 @@ def stats_attention_forward(
         qc = q32[:, :, c0:c1].reshape(B, Hkv, g * n, D)
         s = buffers.s[: B * H * n * kend].view(B, Hkv, g * n, kend)
         torch.matmul(qc, k32[:, :, :kend].transpose(-1, -2), out=s)
+        if far is not None:  # distances >= the window: logits of the further-rotated q / k
+            far.merge(s, c0, c1, kend, H)
         if tf32:
             s.mul_(scaling)
         if softcap is not None:  # the statistics see the capped logits, as the model's softmax
@@ -408,6 +421,12 @@ def _check_kwargs(module: torch.nn.Module, kwargs: dict) -> None:
             f"ropelens_stats attention cannot compute exactly what {type(module).__name__} asks "
             f"for: argument '{name}' is not supported"
         )
+
+
+def _silent_recorder() -> AttentionRecorder:
+    """A recorder that counts no query: the statistics path for its output alone (attention-side
+    methods need its merged logits in every cell, PPL and decoding included)."""
+    return AttentionRecorder(StatsSpec(position_bins=1, distance_bins=1, query_start=2**62))
 
 
 def _check_window(module, window: int | None, mask: torch.Tensor | None, keys: int) -> None:

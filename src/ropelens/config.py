@@ -158,6 +158,11 @@ def _check_methods(cfg: dict, base: Path) -> None:
                     f"{where}: model '{model}' is not in models; known: {', '.join(models)}"
                 )
         for model, ckpt in entry.get("checkpoints", {}).items():
+            if "train" in ckpt and registry.get(name).side == "attention":
+                raise ConfigError(
+                    f"{where}.checkpoints.{model}.train: '{name}' changes positions inside "
+                    "ropelens' attention, which is inference-only; run it training-free"
+                )
             if "train" in ckpt:
                 from ropelens import toy
 

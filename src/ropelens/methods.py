@@ -49,6 +49,7 @@ class RopeSpec:
     config_overrides: dict = field(default_factory=dict)
     factor: float | None = None
     owns: tuple[str, ...] = ()
+    positions: object = None  # attention-side: a ropelens.positions.PositionMap
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,9 @@ PARAMETERS = {
     "p": (lambda v: _is_number(v) and 0 < v < 1, "a number between 0 and 1 (exclusive)"),
     "short_factor": (_factor_list, "a list of numbers > 0, one per rotary frequency pair"),
     "long_factor": (_factor_list, "a list of numbers > 0, one per rotary frequency pair"),
+    "window": (lambda v: _is_number(v) and v >= 1 and v == int(v), "a whole number >= 1"),
+    "group": (lambda v: _is_number(v) and v >= 2 and v == int(v), "a whole number >= 2"),
+    "leak": (lambda v: _is_number(v) and v > 1, "a number > 1 (ReRoPE's k: slope 1/k beyond w)"),
     "factors_file": (
         lambda v: isinstance(v, str) and bool(v.strip()),
         "a path to a JSON or YAML file with short_factor and long_factor",
@@ -181,7 +185,7 @@ def _checked(method: Method, params: dict, where: str) -> dict:
             )
     for key in method.required:
         if key not in params:
-            example = {"rope_theta": 500000, "p": 0.75}.get(key, 4)
+            example = {"rope_theta": 500000, "p": 0.75, "window": 512}.get(key, 4)
             raise ConfigError(
                 f"{where}.{key}: method '{name}' requires '{key}'; add it (e.g. {key}: {example})"
             )
@@ -479,6 +483,50 @@ def _p_rope(base: BaseRope, params: dict) -> RopeSpec:
     return RopeSpec(rope, owns=("partial_rotary_factor",))
 
 
+# --- attention-side: the model's RoPE kept, positions changed inside ropelens' attention --------
+
+
+def _positions(base: BaseRope, kind: str, params: dict) -> RopeSpec:
+    from ropelens.positions import PositionMap
+
+    window = int(params["window"])
+    if window >= base.pretrained_length and not base.nominal:
+        raise ParameterError(
+            "window", f"{window} is not below the pretrained length {base.pretrained_length}; "
+            "the window keeps distances the model was trained on"
+        )  # fmt: skip
+    group = int(params.get("group", 1))
+    leak = float(params["leak"]) if "leak" in params else None
+    # the frequencies stay the model's: rope_parameters are left as they are (see apply_method)
+    return RopeSpec({}, positions=PositionMap(kind, window, group, leak))
+
+
+@register(
+    "rerope",
+    "ReRoPE: distances from the window w on seen as w (or w + (d - w)/leak), normal below",
+    required=("window",),
+    optional=("leak",),
+    paper="Su 2023, github.com/bojone/rerope (leaky ReRoPE: k)",
+    writes="unchanged",
+    side="attention",
+)
+def _rerope(base: BaseRope, params: dict) -> RopeSpec:
+    return _positions(base, "rerope", params)
+
+
+@register(
+    "self-extend",
+    "Self-Extend: distances from the neighbour window w on grouped, floor(i/G) - floor(j/G) + "
+    "w - floor(w/G)",
+    required=("group", "window"),
+    paper="Jin et al. 2024, arXiv 2401.01325",
+    writes="unchanged",
+    side="attention",
+)
+def _self_extend(base: BaseRope, params: dict) -> RopeSpec:
+    return _positions(base, "self-extend", params)
+
+
 # --- applying a method to a transformers config --------------------------------------------------
 # transformers 5 keeps RoPE in ``config.rope_parameters``: one dict for every layer, or (Gemma 3,
 # OLMo 3, ...) one dict per layer type, keyed by the names in ``config.layer_types``. A method
@@ -596,6 +644,7 @@ class Applied:
     layer_types: tuple[str, ...]
     expressed_as: str | None = None
     factor: float | None = None
+    positions: object = None  # attention-side: the ropelens.positions.PositionMap to install
 
 
 def apply_method(
@@ -621,6 +670,8 @@ def apply_method(
             f"{where}: method '{name}' cannot apply to {model}: its layers have their own configs "
             "(a heterogeneous transformers config), which ropelens does not rescale"
         )
+    if get(name).side == "attention":
+        return _apply_positions(model_config, name, params, pretrained_length, where, model)
     targets = target_layer_types(model_config, layer_types, where)
     how, factor = None, None
     for layer_type in targets:
@@ -635,6 +686,27 @@ def apply_method(
         how = _apply_validated(model_config, spec, base, layer_type, name, where, model) or how
         factor = spec.factor if factor is None else factor
     return Applied(tuple(targets), how, factor)
+
+
+def _apply_positions(model_config, name, params, pretrained_length, where, model) -> Applied:
+    """An attention-side method: the RoPE is left as it is; one line where the model's rotation
+    cannot be moved (``ropelens.positions.layout_problem``)."""
+    from ropelens.positions import layout_problem
+
+    base = base_rope(model_config, pretrained_length)
+    spec = resolve(name, params, base, where=where, model=model)
+    layers = rope_layers(model_config)
+    kinds = {t: (r or {}).get("rope_type", "default") for t, r in layers.items()}
+    nested = sorted(layers) if is_nested(model_config) else None
+    rotary = _rotary_of(model_config)
+    problem = layout_problem(model_config, rotary, nested, kinds, head_dim(model_config))
+    if problem:
+        raise ConfigError(
+            f"{where}: method '{name}' cannot apply to {model}: {problem}, so ropelens cannot "
+            "move its queries and keys to other positions; list the other models in "
+            f"{where}.models"
+        )
+    return Applied(tuple(sorted(rope_layers(model_config))), None, None, spec.positions)
 
 
 def _apply_validated(model_config, spec, base, layer_type, name, where, model) -> str | None:

@@ -111,6 +111,7 @@ def rope_record(config, applied=None) -> dict:
         "layer_types": types,
         "expressed_as": applied.expressed_as if applied else None,
         "factor": applied.factor if applied else None,
+        "positions": vars(applied.positions) if applied and applied.positions else None,
         "by_layer_type": {k: dict(v) for k, v in layers.items()},
     }
 
@@ -138,12 +139,34 @@ def load(spec: dict, attn_implementation: str | None = None, device: str | None 
     config, applied = configured(spec)
     name, kwargs = _source_args(spec["source"])
     tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    moved = applied is not None and applied.positions is not None
+    if moved:  # an attention-side method: every cell through ropelens' attention
+        from ropelens import attention
+
+        attn_implementation = attention.ATTN_IMPLEMENTATION
     model = AutoModelForCausalLM.from_pretrained(
         name, config=config, dtype=dtype, attn_implementation=attn_implementation, **kwargs
     )
     model.to(device).eval()
+    if moved:
+        _install_positions(model, applied.positions)
     record = rope_record(config, applied)
     return Loaded(model, tokenizer, device, dtype, record["rope_parameters"], record)
+
+
+def _install_positions(model, pm) -> None:
+    """An attention-side method on a loaded model: each attention module gets the position map
+    and its layer's inverse frequencies (per layer type where RoPE is per layer type)."""
+    from ropelens import positions
+
+    config = model.config
+    types = getattr(config, "layer_types", None)
+    nested = methods.is_nested(config)
+    inv = {}
+    for mod in positions.attention_modules(model):
+        layer_type = types[mod.layer_idx] if nested else methods.FLAT
+        inv[mod.layer_idx] = methods.inv_freq(model, layer_type)[0]
+    positions.install(model, pm, inv)
 
 
 def make_tiny(
