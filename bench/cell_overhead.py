@@ -161,7 +161,9 @@ def through_snakemake(raw: dict, args) -> None:
         for warm in (False, True):
             cfg = {**raw, "runtime": {**raw.get("runtime", {}), "warm": warm}}
             (tmp / f"warm={warm}.yaml").write_text(yaml.safe_dump(cfg))
-        subprocess.run([*smk, "--configfile", str(tmp / "warm=True.yaml")], check=True)
+        subprocess.run(
+            [*smk, "--configfile", str(tmp / "warm=True.yaml")], check=True, capture_output=True
+        )
         cells = sorted(
             p.relative_to(tmp).as_posix()
             for rule in args.rules
@@ -176,9 +178,11 @@ def through_snakemake(raw: dict, args) -> None:
             for _ in range(args.repeats):
                 for cell in cells:
                     (tmp / cell).unlink()
-                cmd = [*smk, "--configfile", str(tmp / f"warm={warm}.yaml"), *cells]
+                cmd = [*smk, *cells, "--configfile", str(tmp / f"warm={warm}.yaml")]
                 t0 = time.time()
-                subprocess.run(cmd, check=True, capture_output=True)
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode:
+                    sys.exit(f"snakemake failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
                 total = time.time() - t0
                 ends = sorted(((tmp / c).stat().st_mtime, c) for c in cells)
                 for (prev, _), (end, cell) in zip(ends, ends[1:]):
