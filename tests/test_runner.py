@@ -396,6 +396,8 @@ def test_snakemake_run_loads_each_model_once_and_leaves_nothing(micro_run):
     assert len(served) == 8 and all(e["exit"] == 0 for e in served)
     assert wait_gone(runner_pids(workdir)) == []
     assert events(workdir, "exit")[-1]["reason"] == "stopped"  # onsuccess
+    (start,) = events(workdir, "start")
+    assert not Path(f"{start['socket']}.lock").exists()  # removed when Snakemake exits
 
 
 @pytest.mark.workflow

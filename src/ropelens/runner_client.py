@@ -12,6 +12,7 @@ so (a GPU cell, another environment), the cell runs cold in this process: always
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -66,6 +67,9 @@ def export_for_workflow(runtime: dict, start: bool = False) -> None:
     os.environ[ENV_IDLE] = str(runtime.get("warm_idle_seconds", 300))
     os.environ[ENV_JOB] = job
     become_subreaper()
+    import atexit
+
+    atexit.register(_remove, f"{os.environ[ENV_SOCKET]}.lock")  # the start lock ends with us
     if start:
         start_now(os.environ[ENV_SOCKET])
 
@@ -240,6 +244,11 @@ def _start(path: str, lock_fd: int | None = None) -> subprocess.Popen | None:
             )
     except OSError:
         return None
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def _alive(pid) -> bool:
