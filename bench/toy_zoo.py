@@ -81,6 +81,17 @@ def run_snakemake(workdir: Path, configfile: Path, cores: int, targets, log: Pat
     return seconds
 
 
+def logged_elapsed(log: Path, runs: int) -> tuple[float, float | None]:
+    """Seconds of the first ``runs`` Snakemake runs from their ``Elapsed time: H:MM:SS`` lines."""
+    import re
+
+    found = re.findall(r"Elapsed time: (\d+):(\d+):([\d.]+)", log.read_text())
+    if len(found) < runs:
+        sys.exit(f"{log}: {len(found)} finished Snakemake run(s), need {runs}; rerun it whole")
+    seconds = [int(h) * 3600 + int(m) * 60 + float(s) for h, m, s in found[:runs]]
+    return seconds[0], (seconds[1] if runs == 2 else None)
+
+
 def zoo_targets(cfg) -> list[tuple[str, str, str]]:
     """(label, role, directory) of every model the config trains."""
     from ropelens import config
@@ -115,6 +126,7 @@ def needle_check(cfg, workdir: Path, model: str, seeds: int) -> list[dict]:
     corpus = workdir / f"results/data/corpora/{cfg['needle']['haystack']}.parquet"
     haystack = pq.read_table(corpus).column("text").to_pylist()
     l0 = cfg["models"][model]["pretrained_length"]
+    fmt = needle.resolve_format(loaded.tokenizer, settings.get("format", "auto"))
     rows = []
     for length in [n for n in cfg["lengths"] if n <= l0]:
         for depth in cfg["depths"]:
@@ -123,7 +135,14 @@ def needle_check(cfg, workdir: Path, model: str, seeds: int) -> list[dict]:
             for k in range(seeds + 1):
                 seed = needle.cell_seed(length, depth, base_seed + k)
                 prompt = needle.build_prompt(
-                    loaded.tokenizer, haystack, length, depth, seed, template, placement
+                    loaded.tokenizer,
+                    haystack,
+                    length,
+                    depth,
+                    seed,
+                    template,
+                    fmt=fmt,
+                    placement=placement,
                 )
                 max_new = settings.get("max_new_tokens") or len(prompt.target_ids) + 4
                 results.append(needle.run(loaded.model, loaded.tokenizer, prompt, max_new))
@@ -199,7 +218,15 @@ def main(argv=None) -> int:
     p.add_argument("--zoo-only", action="store_true", help="train the zoo, skip the cells")
     p.add_argument("--seeds", type=int, default=9, help="extra needle answers per (length, depth)")
     p.add_argument("--out", default=str(REPO / "bench/results/toy_zoo.md"))
+    p.add_argument(
+        "--figures-only",
+        action="store_true",
+        help="measure the figures of a finished run in --workdir; its wall times are read from "
+        "the Elapsed time lines Snakemake wrote to that run's bench_toy_zoo.log",
+    )
     args = p.parse_args(argv)
+    if args.figures_only and not args.workdir:
+        p.error("--figures-only needs the --workdir of a finished run")
 
     import torch
     import transformers
@@ -214,11 +241,15 @@ def main(argv=None) -> int:
     load_before = load_average()
 
     targets = zoo_targets(cfg)
-    zoo_s = run_snakemake(workdir, configfile, args.cores, [d for _, _, d in targets], log)
-    load_after_zoo = load_average()
-    full_s = None
-    if not args.zoo_only:
-        full_s = run_snakemake(workdir, configfile, args.cores, [], log)
+    if args.figures_only:
+        zoo_s, full_s = logged_elapsed(log, 1 if args.zoo_only else 2)
+        load_after_zoo = "n/a (figures of an earlier run)"
+    else:
+        zoo_s = run_snakemake(workdir, configfile, args.cores, [d for _, _, d in targets], log)
+        load_after_zoo = load_average()
+        full_s = None
+        if not args.zoo_only:
+            full_s = run_snakemake(workdir, configfile, args.cores, [], log)
 
     trained = []
     for label, role, d in targets:
