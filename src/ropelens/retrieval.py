@@ -35,10 +35,27 @@ def _greedy_recorded(model, prompt_ids, max_new_tokens: int, eos_token_id, spec)
     return out, rec.table()
 
 
+def answer_recorded(model, tokenizer, prompt, spans, length: int, settings: dict):
+    """The greedy answer to a prompt of ``length`` tokens (text) and the statistics of its
+    answering queries (the last prompt token and every generated one), with the attention mass
+    on each of ``spans``. Shared by needle and task cells; out of memory propagates."""
+    from ropelens.attention import StatsSpec
+
+    spec = StatsSpec(
+        position_bins=settings.get("position_bins", 16),
+        distance_bins=settings.get("distance_bins", 20),
+        spans=spans,
+        query_start=length - 1,
+        memory_budget_bytes=settings.get("memory_budget_mb", 256) * 2**20,
+    )
+    max_new = settings.get("max_new_tokens") or len(prompt.target_ids) + 4
+    new, stats = _greedy_recorded(model, prompt.input_ids, max_new, tokenizer.eos_token_id, spec)
+    return tokenizer.decode(new), stats
+
+
 def run_cell(model, tokenizer, haystack, length: int, depth: float, settings: dict) -> dict:
     """Column lists of one needle cell (without the grid/method columns)."""
     from ropelens import needle
-    from ropelens.attention import StatsSpec
     from ropelens.errors import DataError, is_out_of_memory
 
     template = needle.Template(**settings.get("template", {}))
@@ -51,24 +68,15 @@ def run_cell(model, tokenizer, haystack, length: int, depth: float, settings: di
         )
     except DataError as e:
         return _failed_cell(length, depth, "prompt_error", str(e), placement=placement)
-    spec = StatsSpec(
-        position_bins=settings.get("position_bins", 16),
-        distance_bins=settings.get("distance_bins", 20),
-        spans=[prompt.needle_span],
-        query_start=length - 1,  # the last prompt token and every generated token
-        memory_budget_bytes=settings.get("memory_budget_mb", 256) * 2**20,
-    )
-    max_new = settings.get("max_new_tokens") or len(prompt.target_ids) + 4
     try:
-        new, stats = _greedy_recorded(
-            model, prompt.input_ids, max_new, tokenizer.eos_token_id, spec
+        text, stats = answer_recorded(
+            model, tokenizer, prompt, [prompt.needle_span], length, settings
         )
     except Exception as e:
         if is_out_of_memory(e):
             error = str(e).strip().splitlines()[0]
             return _failed_cell(length, depth, "oom", error, prompt, placement)
         raise
-    text = tokenizer.decode(new)
     graded = needle.score(text, prompt.answer)
     n = stats.num_rows
     entropy = stats.column("entropy_mean").to_numpy()

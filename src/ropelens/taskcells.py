@@ -24,9 +24,8 @@ DISTRACTOR = "distractor"
 def run_cell(model, tokenizer, task, haystack, length: int, depth: float, settings: dict) -> dict:
     """Column lists of one task cell (without the grid/method columns)."""
     from ropelens import needle, tasks
-    from ropelens.attention import StatsSpec
     from ropelens.errors import DataError, is_out_of_memory
-    from ropelens.retrieval import _greedy_recorded
+    from ropelens.retrieval import answer_recorded
 
     seed = tasks.cell_seed(task, length, depth, settings.get("seed", 0))
     fmt = needle.resolve_format(tokenizer, settings.get("format", "auto"))
@@ -38,24 +37,14 @@ def run_cell(model, tokenizer, task, haystack, length: int, depth: float, settin
         prompt = tasks.build(tokenizer, task, haystack, length, depth, seed, fmt, counts, overrides)
     except DataError as e:
         return _failed_cell(task, depth, "prompt_error", str(e))
-    spec = StatsSpec(
-        position_bins=settings.get("position_bins", 16),
-        distance_bins=settings.get("distance_bins", 20),
-        spans=[(s.start, s.end) for s in prompt.spans],
-        query_start=length - 1,
-        memory_budget_bytes=settings.get("memory_budget_mb", 256) * 2**20,
-    )
-    max_new = settings.get("max_new_tokens") or len(prompt.target_ids) + 4
+    spans = [(s.start, s.end) for s in prompt.spans]
     try:
-        new, stats = _greedy_recorded(
-            model, prompt.input_ids, max_new, tokenizer.eos_token_id, spec
-        )
+        text, stats = answer_recorded(model, tokenizer, prompt, spans, length, settings)
     except Exception as e:
         if is_out_of_memory(e):
             error = str(e).strip().splitlines()[0]
             return _failed_cell(task, depth, "oom", error, prompt)
         raise
-    text = tokenizer.decode(new)
     return _rows(prompt, text, tasks.score(prompt, text), stats)
 
 
