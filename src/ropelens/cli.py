@@ -304,7 +304,7 @@ def cmd_report(args) -> int:
 def cmd_needle(args) -> int:
     import pyarrow.parquet as pq
 
-    from ropelens import needle, retrieval, schemas
+    from ropelens import retrieval, schemas
 
     _threads(args.threads)
     settings = {"format": "auto", **args.settings}
@@ -313,19 +313,25 @@ def cmd_needle(args) -> int:
     rows = retrieval.run_cell(
         loaded.model, loaded.tokenizer, haystack, args.length, args.depth, settings
     )
+    _write_answer_cell(rows, schemas.NEEDLE, settings, args, loaded, t0, load_s)
+    return 0
+
+
+def _write_answer_cell(rows, schema, settings, args, loaded, t0: float, load_s: float) -> None:
+    """Write a needle or task cell with its method and prompt format; print its verdict."""
+    from ropelens import needle
+
     n = len(rows["depth"])
     rows["registry_method"] = [args.spec["registry"]] * n
     rows["prompt_format"] = [needle.resolve_format(loaded.tokenizer, settings["format"])] * n
-    _write_cell(rows, n, schemas.NEEDLE, args, loaded, t0, load_s)
+    _write_cell(rows, n, schema, args, loaded, t0, load_s)
     status = rows["status"][0]
-    verdict = "pass" if rows["passed"][0] else "fail"
+    verdict = ("pass" if rows["passed"][0] else "fail") if status == "ok" else ""
     print(
-        f"{args.out}: {status} {verdict if status == 'ok' else ''} "
-        f"answer={rows['answer'][0]} generated={rows['generated'][0]!r} "
-        f"mean entropy={rows['mean_entropy'][0]}",
+        f"{args.out}: {status} {verdict} answer={rows['answer'][0]} "
+        f"generated={rows['generated'][0]!r} mean entropy={rows['mean_entropy'][0]}",
         file=sys.stderr,
     )
-    return 0
 
 
 def cmd_aggregate_needle(args) -> int:
@@ -351,7 +357,7 @@ def cmd_aggregate_needle(args) -> int:
 def cmd_task(args) -> int:
     import pyarrow.parquet as pq
 
-    from ropelens import needle, schemas, taskcells
+    from ropelens import schemas, taskcells
 
     _threads(args.threads)
     settings = {"format": "auto", **args.settings}
@@ -360,17 +366,7 @@ def cmd_task(args) -> int:
     rows = taskcells.run_cell(
         loaded.model, loaded.tokenizer, args.task, haystack, args.length, args.depth, settings
     )
-    n = len(rows["depth"])
-    rows["registry_method"] = [args.spec["registry"]] * n
-    rows["prompt_format"] = [needle.resolve_format(loaded.tokenizer, settings["format"])] * n
-    _write_cell(rows, n, schemas.TASKS, args, loaded, t0, load_s)
-    status = rows["status"][0]
-    verdict = ("pass" if rows["passed"][0] else "fail") if status == "ok" else ""
-    print(
-        f"{args.out}: {status} {verdict} answer={rows['answer'][0]} "
-        f"generated={rows['generated'][0]!r} mean entropy={rows['mean_entropy'][0]}",
-        file=sys.stderr,
-    )
+    _write_answer_cell(rows, schemas.TASKS, settings, args, loaded, t0, load_s)
     return 0
 
 
