@@ -151,6 +151,19 @@ def wait_gone(pids, timeout: float = 10.0) -> list[int]:
     return [p for p in pids if running(p)]
 
 
+def refused(path: str, timeout: float = 10.0) -> bool:
+    """The socket at ``path`` refuses connections: a SIGKILLed runner's listener stays open until
+    its last thread exits, after /proc shows its main thread a zombie."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock = runner_client._connect(path)
+        if sock is None:
+            return True
+        sock.close()
+        time.sleep(0.05)
+    return False
+
+
 def stop_all(cwd: Path, path: str) -> None:
     runner_client.stop(path)
     pids = {e["runner"] for e in events(cwd)} | {e["pid"] for e in events(cwd, "cell")}
@@ -281,6 +294,7 @@ def test_a_killed_runner_is_replaced_and_other_environments_run_cold(inputs, tmp
         (server,) = {e["runner"] for e in events(tmp_path, "start")}
         os.kill(server, signal.SIGKILL)
         assert wait_gone([server]) == [] and os.path.exists(path)  # a dead runner's socket
+        assert refused(path)  # ... once its last thread is gone (the leader's zombie comes first)
         second = run(argv(inputs, "ppl", "pi", SHORT, tmp_path / "b.parquet"), env, tmp_path)
         assert second.returncode == 0, second.stderr[-2000:]
         assert len(events(tmp_path, "start")) == 2
