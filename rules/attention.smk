@@ -19,7 +19,7 @@ rule attention:
     params:
         spec=cell_spec,
         data=data_spec("attention"),
-        settings=q(rlconfig.cell_settings(config, "attention")),
+        settings=q(rlgrid.cell_settings(config, "attention")),
     shell:
         "python -m ropelens attention --spec {params.spec:q} --settings {params.settings:q}"
         " --tokens {input.tokens} --length {wildcards.length} --threads {threads}"

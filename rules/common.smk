@@ -8,6 +8,7 @@ from snakemake.utils import update_config, validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from ropelens import config as rlconfig  # noqa: E402
+from ropelens import grid as rlgrid  # noqa: E402
 from ropelens import preflight  # noqa: E402
 from ropelens import runner_client  # noqa: E402
 from ropelens.errors import ConfigError  # noqa: E402
@@ -95,7 +96,7 @@ runner_client.export_for_workflow(
     and bool(target_rules() & set(runner_client.CELL_COMMANDS)),
 )
 
-PAIRS = rlconfig.model_method_pairs(config)
+PAIRS = rlgrid.model_method_pairs(config)
 MODELS = list(config["models"])
 LENGTHS = config["lengths"]
 
@@ -106,14 +107,14 @@ def q(obj):
 
 
 def cell_spec(wildcards):
-    return q(rlconfig.cell_spec(config, wildcards.model, wildcards.method))
+    return q(rlgrid.cell_spec(config, wildcards.model, wildcards.method))
 
 
 def model_inputs(wildcards):
     """Model directories the workflow builds itself and that this cell loads."""
     if "method" in wildcards.keys():
-        return rlconfig.built_inputs(config, wildcards.model, wildcards.method)
-    base = rlconfig.model_dir(config, wildcards.model)
+        return rlgrid.built_inputs(config, wildcards.model, wildcards.method)
+    base = rlgrid.model_dir(config, wildcards.model)
     return [base] if base else []
 
 
@@ -126,7 +127,7 @@ def gguf_file(model):
 
 def tokenizer_source(model):
     m = config["models"][model]
-    built = rlconfig.model_dir(config, model)
+    built = rlgrid.model_dir(config, model)
     if built:
         return {"path": built}
     return {k: m[k] for k in ("path", "hub", "revision") if k in m}
@@ -182,14 +183,14 @@ def ppl_cells():
 def attention_cells():
     return [
         f"results/attention/model={m}/method={meth}/length={length}.parquet"
-        for m, meth, length in rlconfig.attention_cells(config)
+        for m, meth, length in rlgrid.attention_cells(config)
     ]
 
 
 def needle_cells():
     return [
         f"results/needle/model={m}/method={meth}/length={length}/depth={depth}.parquet"
-        for m, meth, length, depth in rlconfig.needle_cells(config)
+        for m, meth, length, depth in rlgrid.needle_cells(config)
     ]
 
 
@@ -206,13 +207,13 @@ def report_outputs():
 
 
 # --- synthetic tasks (rules/tasks.smk) -------------------------------------------------------------
-TASK_NAMES = rlconfig.enabled_tasks(config)
+TASK_NAMES = rlgrid.enabled_tasks(config)
 
 
 def task_cells():
     return [
         f"results/tasks/task={t}/model={m}/method={x}/length={n}/depth={d}.parquet"
-        for t, m, x, n, d in rlconfig.task_cells(config)
+        for t, m, x, n, d in rlgrid.task_cells(config)
     ]
 
 
@@ -225,7 +226,7 @@ def task_haystack(wildcards):
     """The task's corpus file ([] for the passkey filler), as cell_data does for needle cells."""
     from ropelens.tasks import FILLER
 
-    name = rlconfig.task_entry(config, wildcards.task)["haystack"]
+    name = rlgrid.task_entry(config, wildcards.task)["haystack"]
     if name == FILLER:
         return []
     wc = dict(wildcards.items())
@@ -238,7 +239,7 @@ def task_haystack(wildcards):
 
 def task_data_spec(wildcards):
     """The definition of the task's haystack (a param: a changed corpus reruns its cells)."""
-    name = rlconfig.task_entry(config, wildcards.task)["haystack"]
+    name = rlgrid.task_entry(config, wildcards.task)["haystack"]
     return q(config["corpora"].get(name, name))
 
 
@@ -268,7 +269,7 @@ def cpt_settings(wildcards):
 
 def continual_inputs(wildcards):
     inputs = train_inputs(cpt_settings(wildcards))
-    base = rlconfig.model_dir(config, wildcards.model)
+    base = rlgrid.model_dir(config, wildcards.model)
     if base:
         inputs["base"] = base
     return inputs
@@ -277,7 +278,7 @@ def continual_inputs(wildcards):
 def continual_spec(wildcards):
     """The cell spec of (model, method) with the base model as source: the run loads the base
     with the method applied exactly as evaluation does."""
-    spec = rlconfig.cell_spec(config, wildcards.model, wildcards.method)
+    spec = rlgrid.cell_spec(config, wildcards.model, wildcards.method)
     return q({**spec, "source": tokenizer_source(wildcards.model)})
 
 

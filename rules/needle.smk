@@ -20,7 +20,7 @@ rule needle:
     params:
         spec=cell_spec,
         data=data_spec("needle"),
-        settings=q(rlconfig.cell_settings(config, "needle")),
+        settings=q(rlgrid.cell_settings(config, "needle")),
     shell:
         "python -m ropelens needle --spec {params.spec:q} --settings {params.settings:q}"
         " --haystack {input.haystack} --length {wildcards.length} --depth {wildcards.depth}"

@@ -20,7 +20,7 @@ rule task:
     params:
         spec=cell_spec,
         data=task_data_spec,
-        settings=lambda wc: q(rlconfig.task_settings(config, wc.task)),
+        settings=lambda wc: q(rlgrid.task_settings(config, wc.task)),
         haystack=lambda wc, input: (
             f"--haystack {input.haystack}" if input.haystack else ""
         ),

@@ -117,7 +117,7 @@ def check_method(
     """Apply method ``method`` (entry ``entry``) to a copy of the config: one line if it cannot.
     A method that depends on the cell's length (``factor: auto``) is applied at the shortest and
     the longest of ``lengths`` (the factor's two ends)."""
-    from ropelens.config import method_params
+    from ropelens.grid import method_params
 
     params = method_params(entry)
     at = [min(lengths), max(lengths)] if methods.uses_length(params) and lengths else [None]
@@ -167,7 +167,7 @@ def local_config(model: dict, base_dir: str | os.PathLike = "."):
 
 def check(cfg: dict, base_dir: str | os.PathLike = ".") -> None:
     """Plan-time model checks of a validated config (called by ``ropelens.config.check``)."""
-    from ropelens.config import model_method_pairs
+    from ropelens.grid import model_method_pairs
 
     loaded = {}
     for label, model in cfg["models"].items():

@@ -75,10 +75,10 @@ def _progress(desc: str, **tqdm_kwargs):
 
 
 def cmd_check_config(args) -> int:
-    from ropelens import config
+    from ropelens import config, grid
 
     cfg = config.prepare(config.load_yaml(args.config), args.base_dir)
-    pairs = config.model_method_pairs(cfg)
+    pairs = grid.model_method_pairs(cfg)
     n_len = len(cfg["lengths"])
     print(
         f"{args.config}: ok — {len(cfg['models'])} models, {len(cfg['methods'])} methods, "
@@ -692,12 +692,12 @@ def check_arguments(args) -> None:
             )
     settings = getattr(args, "settings", None)
     if isinstance(settings, dict) and args.command in CELL_COMMANDS:
-        from ropelens import config
+        from ropelens import config, grid
 
         section = "tasks" if args.command == "task" else args.command
         props = config.schema()["properties"][section]["properties"]
-        grid = config.TASK_GRID_KEYS if section == "tasks" else config.GRID_KEYS.get(section, ())
-        missing = [k for k, p in props.items() if "default" in p and k not in grid]
+        keys = grid.TASK_GRID_KEYS if section == "tasks" else grid.GRID_KEYS.get(section, ())
+        missing = [k for k, p in props.items() if "default" in p and k not in keys]
         missing = [k for k in missing if k not in settings]
         if missing:
             raise RopelensError(

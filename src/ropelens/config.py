@@ -1,7 +1,9 @@
-"""Workflow configuration: schema validation, semantic checks and the cell grid.
+"""Workflow configuration: schema validation and semantic checks.
 
 The Snakefile calls :func:`prepare` once at DAG-build time. Every problem becomes a
 :class:`~ropelens.errors.ConfigError` whose one-line message names the config key and the fix.
+The cell grid of a prepared config is :mod:`ropelens.grid`; its names are re-exported here
+(``config.cell_spec``, ``config.model_method_pairs``, ...) for the callers that read them so.
 """
 
 from __future__ import annotations
@@ -16,10 +18,27 @@ import yaml
 
 from ropelens import methods as registry
 from ropelens.errors import ConfigError
+from ropelens.grid import (  # noqa: F401  (re-exported: the grid as config.<name>)
+    GRID_KEYS,
+    RESERVED_METHOD_KEYS,
+    TASK_GRID_KEYS,
+    attention_cells,
+    built_inputs,
+    cell_settings,
+    cell_spec,
+    checkpoint_dir,
+    enabled_tasks,
+    method_params,
+    model_dir,
+    model_method_pairs,
+    needle_cells,
+    task_cells,
+    task_entry,
+    task_settings,
+)
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 WORKFLOW_DIR = Path(__file__).resolve().parents[2]  # the checkout: Snakefile, configs/
-RESERVED_METHOD_KEYS = ("method", "checkpoints", "cpt_length", "apply", "models", "layer_types")
 
 
 @cache
@@ -95,10 +114,6 @@ def validate(cfg: dict) -> dict:
         corpus.setdefault("split", "test")
         corpus.setdefault("column", "text")
     return cfg
-
-
-def method_params(entry: dict) -> dict:
-    return {k: v for k, v in entry.items() if k not in RESERVED_METHOD_KEYS}
 
 
 def check(cfg: dict, base_dir: str | os.PathLike = ".") -> None:
@@ -219,14 +234,43 @@ def _check_sections(cfg: dict, base: Path) -> None:
         raise ConfigError("depths: a depth is listed twice; list each depth once")
     if "tasks" in cfg:
         check_tasks(cfg)
-    from ropelens import distributions
-
-    distributions.check_references(cfg)
+    _check_references(cfg)
     from ropelens import corpora
 
     for name, corpus in cfg["corpora"].items():
         if "path" in corpus:
             corpora.check_local(base / corpus["path"], corpus, min(lengths), f"corpora.{name}.path")
+
+
+def _check_references(cfg: dict) -> None:
+    """Plan-time check of ``attention.reference``: each names a configured model and a method
+    that runs on it, and a length of ``lengths`` if it gives one (one-line ConfigError)."""
+    from ropelens.distributions import references
+
+    pairs = set(model_method_pairs(cfg))
+    for ref in references(cfg["attention"]["reference"]):
+        if ref["method"] not in cfg["methods"]:
+            raise ConfigError(
+                f"attention.reference: method '{ref['method']}' is not in methods; "
+                "add it (e.g. rope: {}) or name another method label"
+            )
+        if ref["model"] is not None and ref["model"] not in cfg["models"]:
+            raise ConfigError(
+                f"attention.reference.model: '{ref['model']}' is not in models; "
+                f"known: {', '.join(cfg['models'])}"
+            )
+        for model in cfg["models"]:
+            ref_model = ref["model"] or model
+            if (ref_model, ref["method"]) not in pairs:
+                raise ConfigError(
+                    f"attention.reference: method '{ref['method']}' does not run on model "
+                    f"'{ref_model}'; name a method that runs on it (e.g. rope)"
+                )
+            if isinstance(ref["length"], int) and ref["length"] not in cfg["lengths"]:
+                n = ref["length"]
+                raise ConfigError(
+                    f"attention.reference.length: {n} is not in lengths; add it there first"
+                )
 
 
 def _inline_factor_files(entry: dict, where: str, base: Path) -> None:
@@ -259,58 +303,9 @@ def prepare(cfg: dict, base_dir: str | os.PathLike = ".") -> dict:
     return cfg
 
 
-def model_method_pairs(cfg: dict) -> list[tuple[str, str]]:
-    """Every (model, method) pair that has cells."""
-    pairs = []
-    for label, entry in cfg["methods"].items():
-        ckpts = entry.get("checkpoints")
-        allowed = list(ckpts) if ckpts else entry.get("models", list(cfg["models"]))
-        pairs += [(m, label) for m in cfg["models"] if m in allowed]
-    return pairs
-
-
-def attention_cells(cfg: dict) -> list[tuple[str, str, int]]:
-    """(model, method, length) attention cells: every pair at ``attention.lengths``, plus the
-    cells the JS references read (``attention.reference``, by default rope at the pretrained
-    length)."""
-    from ropelens.distributions import reference_cells
-
-    att = cfg["attention"]
-    cells = [(m, x, n) for m, x in model_method_pairs(cfg) for n in att["lengths"]]
-    return cells + [c for c in reference_cells(cfg) if c not in cells]
-
-
-def needle_cells(cfg: dict) -> list[tuple[str, str, int, str]]:
-    """(model, method, length, depth label) needle cells."""
-    labels = [f"{float(d):g}" for d in cfg["depths"]]
-    return [
-        (m, x, n, d)
-        for m, x in model_method_pairs(cfg)
-        for n in cfg["needle"]["lengths"]
-        for d in labels
-    ]
-
-
-def task_cells(cfg: dict) -> list[tuple[str, str, str, int, str]]:
-    """(task, model, method, length, depth label) task cells (none without ``tasks:``)."""
-    out = []
-    for task in enabled_tasks(cfg):
-        labels = [f"{float(d):g}" for d in task_entry(cfg, task)["depths"]]
-        for m, x in model_method_pairs(cfg):
-            out += [(task, m, x, n, d) for n in cfg["tasks"]["lengths"] for d in labels]
-    return out
-
-
 # --- synthetic tasks (issue 18): ``tasks:`` -------------------------------------------------------
 
 TASK_COUNTS = {"multi_key": "distractors", "multi_value": "values", "variable_tracking": "hops"}
-TASK_GRID_KEYS = ("lengths", "depths", "haystack")  # which cells / which corpus, not how
-
-
-def enabled_tasks(cfg: dict) -> list[str]:
-    from ropelens.tasks import TASKS
-
-    return [t for t in TASKS if t in cfg.get("tasks", {})]
 
 
 def _task_defaults(cfg: dict) -> None:
@@ -321,26 +316,6 @@ def _task_defaults(cfg: dict) -> None:
     tasks.setdefault("haystack", cfg["needle"]["haystack"])
     tasks.setdefault("lengths", list(cfg["needle"]["lengths"]))
     tasks.setdefault("depths", list(cfg["depths"]))
-
-
-def task_entry(cfg: dict, task: str) -> dict:
-    """A task's parameters with the shared ones filled in (haystack, depths)."""
-    from ropelens.tasks import FILLER
-
-    shared = cfg["tasks"]
-    entry = dict(shared[task] or {})
-    entry.setdefault("haystack", FILLER if task == "passkey" else shared["haystack"])
-    entry.setdefault("depths", shared["depths"])
-    return entry
-
-
-def task_settings(cfg: dict, task: str) -> dict:
-    """What one cell of ``task`` needs (a rule param: without :data:`TASK_GRID_KEYS`)."""
-    from ropelens.tasks import TASKS
-
-    shared = {k: v for k, v in cfg["tasks"].items() if k not in TASKS and k not in TASK_GRID_KEYS}
-    own = {k: v for k, v in task_entry(cfg, task).items() if k not in TASK_GRID_KEYS}
-    return shared | own
 
 
 def check_tasks(cfg: dict) -> None:
@@ -391,58 +366,6 @@ def check_tasks(cfg: dict) -> None:
                     f"{where}.template.chain: must contain {{key}} and {{value}} "
                     "(the new variable and the one it copies)"
                 )
-
-
-def model_dir(cfg: dict, model: str) -> str | None:
-    """Local directory of a base model the workflow builds itself (None for path/hub models)."""
-    if "tiny" in cfg["models"][model]:
-        return f"resources/models/{model}"
-    if "train" in cfg["models"][model]:
-        return f"resources/zoo/{model}/base"
-    if "gguf" in cfg["models"][model]:
-        return f"resources/gguf/{model}"
-    return None
-
-
-def checkpoint_dir(cfg: dict, model: str, method: str) -> str | None:
-    """Local directory of a checkpoint the workflow trains itself (continual pretraining)."""
-    ckpt = (cfg["methods"][method].get("checkpoints") or {}).get(model)
-    if ckpt is not None and "train" in ckpt:
-        return f"resources/zoo/{model}/cpt/{method}"
-    return None
-
-
-def built_inputs(cfg: dict, model: str, method: str) -> list[str]:
-    """Directories the workflow must build before a (model, method) cell can run."""
-    return [d for d in (model_dir(cfg, model), checkpoint_dir(cfg, model, method)) if d]
-
-
-def cell_spec(cfg: dict, model: str, method: str) -> dict:
-    """Everything a cell needs to load its model, as plain JSON (also the rule's params)."""
-    m = cfg["models"][model]
-    entry = cfg["methods"][method]
-    ckpt = (entry.get("checkpoints") or {}).get(model)
-    if ckpt is not None and "train" in ckpt:
-        source = {"path": checkpoint_dir(cfg, model, method)}
-    elif ckpt is not None:
-        source = {k: ckpt[k] for k in ("path", "hub", "revision") if k in ckpt}
-    elif model_dir(cfg, model):
-        source = {"path": model_dir(cfg, model)}
-    else:
-        source = {k: m[k] for k in ("path", "hub", "revision") if k in m}
-    return {
-        "model": model,
-        "method": method,
-        "source": source,
-        "checkpoint": ckpt is not None,
-        "pretrained_length": m["pretrained_length"],
-        "registry": entry.get("method", method),
-        "params": method_params(entry),
-        "cpt_length": entry.get("cpt_length"),
-        "apply": entry.get("apply", True),
-        "layer_types": entry.get("layer_types"),
-        "runtime": {k: cfg["runtime"][k] for k in ("device", "dtype")},
-    }
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
@@ -507,15 +430,3 @@ def export_job_environment(src_dir, python: str | None) -> None:
     if python:
         bins = [str(Path(python).parent)] + os.environ.get("PATH", "").split(os.pathsep)
         os.environ["PATH"] = os.pathsep.join(dict.fromkeys(bins))
-
-
-# Grid-level keys of a cell section: which cells exist and how aggregates draw them, not how a cell
-# is computed. Leave them out of a cell rule's params (``settings=q(cell_settings(config, ...))``)
-# so that extending the grid (a new length) does not rerun finished cells via the params trigger.
-GRID_KEYS = {"attention": ("lengths", "plot_lengths", "reference"), "needle": ("lengths",)}
-
-
-def cell_settings(cfg: dict, section: str) -> dict:
-    """The ``section`` settings as one cell sees them (without :data:`GRID_KEYS`)."""
-    drop = GRID_KEYS.get(section, ())
-    return {k: v for k, v in cfg[section].items() if k not in drop}

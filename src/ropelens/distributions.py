@@ -145,38 +145,6 @@ def _reference_lengths(ref: dict, cfg: dict, model: str) -> list[int]:
     return [ref["length"]]
 
 
-def check_references(cfg: dict) -> None:
-    """Plan-time check of ``attention.reference``: each names a configured model and a method
-    that runs on it, and a length of ``lengths`` if it gives one (one-line ConfigError)."""
-    from ropelens.config import model_method_pairs
-    from ropelens.errors import ConfigError
-
-    pairs = set(model_method_pairs(cfg))
-    for ref in references(cfg["attention"]["reference"]):
-        if ref["method"] not in cfg["methods"]:
-            raise ConfigError(
-                f"attention.reference: method '{ref['method']}' is not in methods; "
-                "add it (e.g. rope: {}) or name another method label"
-            )
-        if ref["model"] is not None and ref["model"] not in cfg["models"]:
-            raise ConfigError(
-                f"attention.reference.model: '{ref['model']}' is not in models; "
-                f"known: {', '.join(cfg['models'])}"
-            )
-        for model in cfg["models"]:
-            ref_model = ref["model"] or model
-            if (ref_model, ref["method"]) not in pairs:
-                raise ConfigError(
-                    f"attention.reference: method '{ref['method']}' does not run on model "
-                    f"'{ref_model}'; name a method that runs on it (e.g. rope)"
-                )
-            if isinstance(ref["length"], int) and ref["length"] not in cfg["lengths"]:
-                n = ref["length"]
-                raise ConfigError(
-                    f"attention.reference.length: {n} is not in lengths; add it there first"
-                )
-
-
 def reference_cells(cfg: dict) -> list[tuple[str, str, int]]:
     """(model, method, length) attention cells the references read."""
     out = []

@@ -125,7 +125,7 @@ def spec_key(spec: dict) -> str:
 
 
 def load(spec: dict, attn_implementation: str | None = None, device: str | None = None) -> Loaded:
-    """Load tokenizer + model for a cell spec (see ``ropelens.config.cell_spec``); by default
+    """Load tokenizer + model for a cell spec (see ``ropelens.grid.cell_spec``); by default
     with the model's own attention (transformers' choice: SDPA where the model supports it, else
     eager, e.g. Gemma2's soft-capped logits). In a warm runner's cell, the model it loaded for
     this spec, untouched (``PRELOADED``)."""

@@ -160,16 +160,16 @@ def offline_problems(cfg: dict, needed: dict | None = None) -> list[str]:
 
 def hub_needs(cfg: dict, pairs=None, models=None, corpora=None) -> dict:
     """Hub sources and datasets behind the given (model, method) pairs, models and corpora."""
-    from ropelens import config as rlconfig
+    from ropelens import grid
 
-    pairs = rlconfig.model_method_pairs(cfg) if pairs is None else pairs
+    pairs = grid.model_method_pairs(cfg) if pairs is None else pairs
     models = list(cfg["models"]) if models is None else models
     corpora = list(cfg["corpora"]) if corpora is None else corpora
     sources = [(f"models.{m}", cfg["models"][m]) for m in models]
     for m, x in pairs:
         if (cfg["methods"][x].get("checkpoints") or {}).get(m):
             key = f"methods.{x}.checkpoints.{m}"
-            sources.append((key, rlconfig.cell_spec(cfg, m, x)["source"]))
+            sources.append((key, grid.cell_spec(cfg, m, x)["source"]))
     unique: dict = {}
     for key, src in sources:
         if "hub" in src:

@@ -227,7 +227,7 @@ def check_settings(settings: dict, where: str, cfg: dict, role: str) -> None:
 
 def _check_apply(cfg: dict, label: str, entry: dict) -> None:
     """A trained checkpoint saves the method's RoPE; re-applying it must change nothing."""
-    from ropelens.config import method_params
+    from ropelens.grid import method_params
 
     name = entry.get("method", label)
     params = method_params(entry)
@@ -608,7 +608,7 @@ def continual(
 ) -> dict:
     """Continually pretrain ``spec``'s base with its method at ``length``; write it to ``out``.
 
-    ``spec`` is a cell spec (:func:`ropelens.config.cell_spec`) whose ``source`` is the base model.
+    ``spec`` is a cell spec (:func:`ropelens.grid.cell_spec`) whose ``source`` is the base model.
     The saved config carries the method's ``rope_parameters``.
     """
     settings = defaults(settings, "continual")
