@@ -187,6 +187,7 @@ def example_params(name: str, rotary_dim: int, s: float = 4) -> dict:
         "p-rope": {"p": 0.75},
         "rerope": {"window": 12},
         "self-extend": {"window": 8, "group": 3},
+        "string": {"offset": 10, "local": 3},
         "longrope": {
             "factor": s,
             "long_factor": ramp,

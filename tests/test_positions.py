@@ -1,4 +1,4 @@
-"""Attention-side methods (ReRoPE, Self-Extend): their position maps against the papers'
+"""Attention-side methods (ReRoPE, Self-Extend, STRING): their position maps against the papers'
 distances, written here, and the further rotation against the model's own RoPE at explicit
 positions. The whole attention against eager attention is in tests/test_conformance.py."""
 
@@ -50,6 +50,21 @@ def test_self_extend_distances(group, w):
     assert torch.all(far[edge] >= w - group + 1) and torch.all(far[edge] <= w + 1)
 
 
+@pytest.mark.parametrize(("offset", "local"), [(2, 1), (85, 16), (100, 99)])
+def test_string_distances(offset, local):
+    # An et al. 2024 (Fig. 5, position matrix): d below S; from S on, d - S + W
+    pm = positions.PositionMap("string", offset, local=local)
+    i, j = pairs()
+    true = (i - j).tolist()
+    want = [d if d < offset else d - offset + local for d in true]
+    d = (i - j).double()
+    merged = torch.where(d < offset, d, pm.far_query(i) - pm.far_key(j))
+    assert merged.tolist() == want and pm.distance(d).tolist() == want
+    # over L = 300 tokens the shifted distances run from W to L - 1 - S + W (< L: no new ones)
+    shifted = [w for w, t in zip(want, true, strict=True) if t >= offset]
+    assert min(shifted) == local and max(shifted) == 299 - offset + local
+
+
 @pytest.mark.parametrize("config_name", ["LlamaConfig", "Phi3Config", "GPTNeoXConfig"])
 def test_rotation_composes_with_the_models_own(config_name):
     """The model rotates q to p; ``rotate`` by p' - p gives the model's own rotation at p'
@@ -88,6 +103,13 @@ def test_parameters_and_refusals_are_one_line():
         ("self-extend", {"window": 64}, r"^methods.r.group: method 'self-extend' requires"),
         ("self-extend", {"window": 64, "group": 1}, r"^methods.r.group: must be a whole number"),
         ("self-extend", {"window": 64, "group": 4, "leak": 2}, r"not a parameter of method"),
+        ("string", {"local": 128}, r"^methods.r.offset: method 'string' requires 'offset'; add"),
+        ("string", {"offset": 1365}, r"^methods.r.local: method 'string' requires 'local'"),
+        ("string", {"offset": 0.33, "local": 8}, r"^methods.r.offset: must be a whole number of"),
+        ("string", {"offset": 1365, "local": 0}, r"^methods.r.local: must be a whole number of"),
+        ("string", {"offset": 128, "local": 128}, r"^methods.r.offset: 128 must exceed local"),
+        ("string", {"offset": L0, "local": 128}, r"^methods.r.offset: 4096 is not below the pre"),
+        ("string", {"offset": 1365, "local": 128, "window": 8}, r"not a parameter of method"),
     ]
     for name, params, match in cases:
         with pytest.raises(ConfigError, match=match):
@@ -95,6 +117,8 @@ def test_parameters_and_refusals_are_one_line():
     spec = methods.resolve("self-extend", {"window": 512, "group": 8}, base)
     assert spec.positions == positions.PositionMap("self-extend", 512, 8, None)
     assert spec.rope_parameters == {}  # the model's RoPE is left as it is
+    spec = methods.resolve("string", {"offset": 1365, "local": 128}, base)
+    assert spec.positions == positions.PositionMap("string", 1365, local=128)
 
 
 def test_architectures_that_cannot_move_positions_are_refused():

@@ -319,10 +319,10 @@ def test_paper_config_plans_on_slurm_without_downloading(tmp_path, snakemake, mo
         tmp_path, "--configfile", str(PAPER), "--profile", str(PROFILES["slurm"]), "-n"
     )
     counts = job_counts(proc)
-    # llama2-7b: rope, pi-32k, yarn-64k, yarn-128k, ntk and the eight beyond the paper (ntk-by-
-    # parts, abf, p-rope, pi-auto, yarn-auto, longrope, rerope, self-extend); minima: rope, ntk, pi,
-    # yarn
-    pairs = 5 + 8 + 4
+    # llama2-7b: rope, pi-32k, yarn-64k, yarn-128k, ntk and the nine beyond the paper (ntk-by-
+    # parts, abf, p-rope, pi-auto, yarn-auto, longrope, rerope, self-extend, string); minima: rope,
+    # ntk, pi, yarn
+    pairs = 5 + 9 + 4
     assert counts["ppl"] == pairs * 7 and counts["needle"] == pairs * 7 * 11
     assert counts["attention"] == pairs * 5
     planned = {(j["rule"], j["wc"].get("length")): j for j in jobs(proc)}

@@ -134,11 +134,21 @@ PARAMETERS = {
     "window": (lambda v: _is_number(v) and v >= 1 and v == int(v), "a whole number >= 1"),
     "group": (lambda v: _is_number(v) and v >= 2 and v == int(v), "a whole number >= 2"),
     "leak": (lambda v: _is_number(v) and v > 1, "a number > 1 (ReRoPE's k: slope 1/k beyond w)"),
+    "offset": (
+        lambda v: _is_number(v) and v >= 2 and v == int(v),
+        "a whole number of tokens >= 2 (STRING's S, e.g. L0 / 3; not a fraction of L0)",
+    ),
+    "local": (
+        lambda v: _is_number(v) and v >= 1 and v == int(v),
+        "a whole number of tokens >= 1 (STRING's W, below its offset)",
+    ),
     "factors_file": (
         lambda v: isinstance(v, str) and bool(v.strip()),
         "a path to a JSON or YAML file with short_factor and long_factor",
     ),
 }
+#: what the line about a missing required parameter suggests (else 4)
+EXAMPLES = {"rope_theta": 500000, "p": 0.75, "window": 512, "offset": 1365, "local": 128}
 
 
 def resolve(
@@ -185,9 +195,9 @@ def _checked(method: Method, params: dict, where: str) -> dict:
             )
     for key in method.required:
         if key not in params:
-            example = {"rope_theta": 500000, "p": 0.75, "window": 512}.get(key, 4)
             raise ConfigError(
-                f"{where}.{key}: method '{name}' requires '{key}'; add it (e.g. {key}: {example})"
+                f"{where}.{key}: method '{name}' requires '{key}'; add it (e.g. {key}: "
+                f"{EXAMPLES.get(key, 4)})"
             )
     for key, value in params.items():
         if key == "factor":
@@ -525,6 +535,32 @@ def _rerope(base: BaseRope, params: dict) -> RopeSpec:
 )
 def _self_extend(base: BaseRope, params: dict) -> RopeSpec:
     return _positions(base, "self-extend", params)
+
+
+@register(
+    "string",
+    "STRING: distances from the offset S on shifted to d - S + W (well-trained small ones "
+    "overwrite the rarely trained large ones), normal below",
+    required=("offset", "local"),
+    paper="An et al. 2024, arXiv 2410.18745 (paper: S ≈ L0/3, W 128)",
+    writes="unchanged",
+    side="attention",
+)
+def _string(base: BaseRope, params: dict) -> RopeSpec:
+    from ropelens.positions import PositionMap
+
+    offset, local = int(params["offset"]), int(params["local"])
+    if not offset > local:
+        raise ParameterError(
+            "offset", f"{offset} must exceed local ({local}): distances from S on become "
+            "d - S + W, which must be shorter than d"
+        )  # fmt: skip
+    if offset >= base.pretrained_length and not base.nominal:
+        raise ParameterError(
+            "offset", f"{offset} is not below the pretrained length {base.pretrained_length}; "
+            "STRING shifts distances within it (the paper's S is about L0 / 3)"
+        )  # fmt: skip
+    return RopeSpec({}, positions=PositionMap("string", offset, local=local))
 
 
 # --- applying a method to a transformers config --------------------------------------------------

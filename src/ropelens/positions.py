@@ -5,13 +5,21 @@ inside ropelens' own attention (``ropelens.attention``); the model's RoPE freque
   d = i - j; from w on, d' = w (clipped), or d' = w + (d - w) / k (leaky, k > 1).
 - Self-Extend (Jin et al. 2024, arXiv 2401.01325): below the neighbour window w the true distance;
   from w on, the grouped distance floor(i / G) - floor(j / G) + w - floor(w / G).
+- STRING (An et al. 2024, arXiv 2410.18745, "shifted RoPE"): below the offset S the true distance;
+  from S on, d - S + W (the well-trained small distances, from the local window W on, overwrite
+  the rarely trained large ones). Here ``window`` is S, ``local`` W. As the reference
+  implementation's decoding path (string_for_llama.py, github.com/justHungryMan/STRING) the two sets
+  split at d = S exactly; its prefill path counts the key at d = S in both (flash-attention's
+  window [i - S, i] is inclusive), which is not the paper's position matrix and is not copied.
+  Nor is its extra logit temperature (cos / sin scaled by 1 + 0.1 ln 2 on every q and k).
 
 Each far distance is that of a pair of positions (i', j'): ReRoPE i' = w, j' = 0 (leaky:
 i' = i / k + w (1 - 1 / k), j' = j / k); Self-Extend i' = floor(i / G) + w - floor(w / G),
-j' = floor(j / G). RoPE rotations compose (R(a) R(b) = R(a + b)), so a query or key the model
-already rotated to position p is at p' after a further rotation by p' - p with the layer's own
-inverse frequencies. The attention then takes each (query, key) logit from the model's own q / k
-(d < w) or from the further-rotated ones (d >= w), per chunk, as the papers' implementations do.
+j' = floor(j / G); STRING i' = i - S + W, j' = j. RoPE rotations compose (R(a) R(b) =
+R(a + b)), so a query or key the model already rotated to position p is at p' after a further
+rotation by p' - p with the layer's own inverse frequencies. The attention then takes each
+(query, key) logit from the model's own q / k (d < w) or from the further-rotated ones (d >= w),
+per chunk, as the papers' implementations do.
 
 The further rotation is the rotate-half layout over the first rotary dimensions of each head (the
 layout of LLaMA and most decoders); :func:`layout_problem` checks, from the config alone, that the
@@ -31,13 +39,15 @@ ATTR = "_ropelens_positions"  # on each attention module: (PositionMap, inverse 
 
 @dataclass(frozen=True)
 class PositionMap:
-    """An attention-side method: ``kind`` rerope or self-extend, the window below which distances
-    are the model's own, Self-Extend's group size and ReRoPE's leak k (None: clipped)."""
+    """An attention-side method: ``kind`` rerope, self-extend or string, the window below which
+    distances are the model's own (STRING: its offset S), Self-Extend's group size, ReRoPE's
+    leak k (None: clipped) and STRING's local window W (where its shifted distances start)."""
 
     kind: str
     window: int
     group: int = 1
     leak: float | None = None
+    local: int = 0
 
     def far_query(self, pos: torch.Tensor) -> torch.Tensor:
         """Positions i' of queries at absolute positions ``pos`` in the far logits (float64)."""
@@ -47,6 +57,8 @@ class PositionMap:
             if self.leak is None:
                 return torch.full_like(pos, w)
             return pos / self.leak + w * (1 - 1 / self.leak)
+        if self.kind == "string":
+            return pos - (w - self.local)
         return torch.floor(pos / self.group) + (w - math.floor(w / self.group))
 
     def far_key(self, pos: torch.Tensor) -> torch.Tensor:
@@ -54,16 +66,20 @@ class PositionMap:
         pos = pos.double()
         if self.kind == "rerope":
             return torch.zeros_like(pos) if self.leak is None else pos / self.leak
+        if self.kind == "string":
+            return pos
         return torch.floor(pos / self.group)
 
     def distance(self, d: torch.Tensor) -> torch.Tensor:
         """The relative position a query sees a key at, for true distances ``d`` = i - j >= 0
-        where only the distance matters (ReRoPE); Self-Extend's depends on i and j themselves."""
+        where only the distance matters (ReRoPE, STRING); Self-Extend's depends on i and j."""
         d = d.double()
-        if self.kind != "rerope":
+        if self.kind == "self-extend":
             raise ValueError("Self-Extend's grouped distance depends on both positions")
         far = torch.full_like(d, float(self.window))
-        if self.leak is not None:
+        if self.kind == "string":
+            far = d - (self.window - self.local)
+        elif self.leak is not None:
             far = self.window + (d - self.window) / self.leak
         return torch.where(d < self.window, d, far)
 
