@@ -43,17 +43,14 @@ def main(argv=None):
     module.layer_idx, module.is_causal = 0, True
     spec = att.StatsSpec(spans=[(L // 2, L // 2 + 16)])
 
-    att.CPU_KERNEL_MIN_WORK = (
-        0  # the row kernel from the first call (else loaded once work adds up)
-    )
-
     def stats(kernel):
         def run():
-            att.CPU_KERNEL = kernel
             rec = att.AttentionRecorder(spec)
             att._ACTIVE = rec
+            # the row kernel from the first call (else loaded once work adds up)
             try:
-                att.stats_attention_forward(module, q, k, v, None, scaling=D**-0.5)
+                with att.use_paths(row_kernel=kernel, row_kernel_min_work=0):
+                    att.stats_attention_forward(module, q, k, v, None, scaling=D**-0.5)
             finally:
                 att._ACTIVE = None
             return rec

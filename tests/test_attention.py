@@ -29,12 +29,11 @@ def kernel_not_loaded(monkeypatch):
 
 
 @pytest.fixture(params=[True, False], ids=["rowstats", "torch-ops"])
-def kernel(request, monkeypatch):
+def kernel(request):
     """CPU chunks reduce rows with the compiled kernel (loaded whatever the work), or with the
     torch operations that other devices use: both against the same references."""
-    monkeypatch.setattr(att, "CPU_KERNEL", request.param)
-    monkeypatch.setattr(att, "CPU_KERNEL_MIN_WORK", 0)
-    return request.param
+    with att.use_paths(row_kernel=request.param, row_kernel_min_work=0):
+        yield request.param
 
 
 def make_model(kv_heads=4, layers=2, seed=0):
@@ -192,17 +191,61 @@ def test_chunking_equals_single_chunk(kernel):
             np.testing.assert_allclose(v, r2[k], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("queries,keys,koff", [(7, 7, 0), (5, 40, 0), (1, 16, 84), (3, 9, 2)])
+def test_bin_plan_masses_equal_a_loop(queries, keys, koff):
+    """The boundary plan alone: for random probabilities over all keys (keys after the query
+    included), S(bounds) @ diff + const equals the masses binned key by key at absolute positions
+    (k / total, log2 distances, spans; keys after the query in no distance bin); ``counted``
+    follows query_start."""
+    spans = [(3, 9), (0, 1), (30, 200), (-4, 2), (86, 95)]
+    spec = StatsSpec(position_bins=5, distance_bins=6, spans=spans, query_start=koff + keys - 2)
+    plan = att.bin_plan(spec, queries, keys, koff)
+    rng = np.random.default_rng(queries * keys + koff)
+    total, diff, const = koff + keys, plan.diff.double().numpy(), plan.const.double().numpy()
+    assert plan.slots.tolist() == list(range(keys - queries, keys))
+    for i, slot in enumerate(plan.slots.tolist()):
+        p = rng.random(keys) ** 4
+        p /= p.sum()
+        prefix = np.concatenate([[0.0], np.cumsum(p)])
+        got = prefix[np.clip(plan.bounds[i].numpy(), 0, keys)] @ diff + const
+        pos, dist, span = np.zeros(5), np.zeros(6), np.zeros(len(spans))
+        for k in range(keys):
+            a, d = koff + k, slot - k
+            pos[a * 5 // total] += p[k]
+            if d >= 0:
+                dist[min(0 if d == 0 else math.floor(math.log2(d)) + 1, 5)] += p[k]
+            span += [p[k] * (s0 <= a < s1) for s0, s1 in spans]
+        np.testing.assert_allclose(got, np.concatenate([pos, dist, span]), atol=1e-12, rtol=0)
+        assert bool(plan.counted[i]) == (koff + slot >= spec.query_start)
+
+
+@pytest.mark.parametrize(
+    "queries,keys,first,threads,cpu",
+    [(70, 70, 0, 1, True), (70, 70, 33, 2, True), (1, 90, 0, 4, True), (70, 70, 70, 2, True),
+     (50, 50, 3, 3, False)],
+)  # fmt: skip
+def test_chunk_plan_covers_the_counted_queries_once(queries, keys, first, threads, cpu):
+    """The chunks cover queries [first, queries) once, in order, within the budget; several
+    workers only on CPU, never more than chunks or torch threads."""
+    spec = StatsSpec(memory_budget_bytes=60_000)
+    starts, rows, workers = att.chunk_plan(spec, 2, 4, queries, keys, first, threads, cpu)
+    covered = [q for c0 in starts for q in range(c0, min(queries, c0 + rows))]
+    assert covered == list(range(first, queries))
+    many = threads if cpu and queries - first > 1 else 1
+    assert workers == min(many, len(starts))
+    assert rows <= att.chunk_rows(spec, 2, 4, keys, many, cpu)
+
+
 @pytest.mark.parametrize("block", [3, 4])
-def test_block_prefix_sums(monkeypatch, block):
+def test_block_prefix_sums(block):
     """Long rows take prefix sums from key blocks plus a gathered partial block (torch path)."""
-    monkeypatch.setattr(att, "BLOCK", block)
-    monkeypatch.setattr(att, "CPU_KERNEL", False)
     model = make_model(kv_heads=2)
     x = ids(2, 130)
     spec = StatsSpec(position_bins=5, distance_bins=8, spans=[(7, 50)], memory_budget_bytes=100_000)
     n_bounds = spec.position_bins + 1 + 2 * len(spec.spans) + spec.distance_bins
     assert n_bounds * block < 130 // 2  # most chunks use the block path
-    rec, _ = run_stats(model, x, spec)
+    with att.use_paths(block=block, row_kernel=False):
+        rec, _ = run_stats(model, x, spec)
     assert rec.chunks > 4
     assert_matches(rec.table(), reference(eager_probs(model, x), spec))
 
@@ -307,7 +350,7 @@ FAST_CASES = [
 
 
 @pytest.mark.parametrize("where,threads", FAST_CASES)
-def test_fast_path_direct(monkeypatch, where, threads):
+def test_fast_path_direct(where, threads):
     """Same q, k, v (GQA, fp32) through the function with and without the fast path: masses within
     1e-6, entropies 2e-6 (fp32 sums whose order follows the chunk's length), output within 1e-5
     of SDPA."""
@@ -318,10 +361,10 @@ def test_fast_path_direct(monkeypatch, where, threads):
     spec = StatsSpec(**FAST_SPEC, query_start=start, memory_budget_bytes=FAST_BUDGET)
 
     def call(fast):
-        monkeypatch.setattr(att, "FAST_PATH", fast)
         torch.set_num_threads(threads)
         try:
-            return direct(q, k, v, spec)
+            with att.use_paths(fast_prefix=fast):
+                return direct(q, k, v, spec)
         finally:
             torch.set_num_threads(1)
 
@@ -342,7 +385,7 @@ def test_fast_path_direct(monkeypatch, where, threads):
 
 
 @pytest.mark.parametrize("where,threads", FAST_CASES)
-def test_fast_path_model(monkeypatch, where, threads):
+def test_fast_path_model(where, threads):
     """Through a GQA model: SDPA's logits, the eager reference's statistics, and the slow path's
     statistics within 1e-6 (entropies 1e-5: from layer 1 on the two paths' inputs differ by
     fp32 rounding, as their attention outputs do, amplified by the sharpened q/k weights)."""
@@ -353,8 +396,8 @@ def test_fast_path_model(monkeypatch, where, threads):
     torch.set_num_threads(threads)
     try:
         rec, logits = run_stats(model, x, spec)
-        monkeypatch.setattr(att, "FAST_PATH", False)
-        rec_slow, _ = run_stats(model, x, spec)
+        with att.use_paths(fast_prefix=False):
+            rec_slow, _ = run_stats(model, x, spec)
     finally:
         torch.set_num_threads(1)
     assert rec.fast_queries == model.config.num_hidden_layers * start
@@ -388,7 +431,7 @@ def test_fast_path_bf16():
             np.testing.assert_allclose(r16[k], r32[k], atol=0.05)
 
 
-def test_padded_batch_skips_fast_path(monkeypatch, kernel):
+def test_padded_batch_skips_fast_path(kernel):
     """With an attention mask (padding) every query goes through the chunks, as before."""
     model = make_model(kv_heads=2)
     x = ids(2, 60)
@@ -396,8 +439,8 @@ def test_padded_batch_skips_fast_path(monkeypatch, kernel):
     mask[1, :17] = 0
     spec = StatsSpec(spans=[(20, 30)], query_start=30, memory_budget_bytes=50_000)
     rec, logits = run_stats(model, x, spec, attention_mask=mask)
-    monkeypatch.setattr(att, "FAST_PATH", False)
-    rec_slow, logits_slow = run_stats(model, x, spec, attention_mask=mask)
+    with att.use_paths(fast_prefix=False):
+        rec_slow, logits_slow = run_stats(model, x, spec, attention_mask=mask)
     assert rec.fast_queries == 0 and rec.chunks == rec_slow.chunks
     assert torch.equal(logits, logits_slow)
     assert rec.table().equals(rec_slow.table())
@@ -676,16 +719,16 @@ HALF_SPEC = dict(position_bins=6, distance_bins=8, spans=[(5, 9)], memory_budget
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_scaled_after_matmul(monkeypatch, dtype):
+def test_scaled_after_matmul(dtype):
     """The CUDA half-precision branch (unscaled q in the matmul, logits scaled after, TF32 flag set
     and restored) run on CPU: statistics of the half inputs as a float64 reference gives them."""
     B, H, Hkv, L, D = 2, 4, 2, 70, 16
     g = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(B, n, L, D, generator=g).mul(2).to(dtype) for n in (H, Hkv, Hkv))
     spec = StatsSpec(**HALF_SPEC, query_start=30)
-    monkeypatch.setattr(att, "_tf32_exact", lambda query: True)
     before = tf32_flag()
-    rec, out = direct(q, k, v, spec)
+    with att.use_paths(tf32=True):
+        rec, out = direct(q, k, v, spec)
     assert tf32_flag() == before
     assert_matches(rec.table(), reference([causal_probs(q, k, D**-0.5)], spec), tol=1e-5)
     kr, vr = (t.repeat_interleave(H // Hkv, 1) for t in (k, v))
@@ -741,15 +784,15 @@ def test_row_kernel_loaded_once_work_adds_up(monkeypatch):
     model = make_model(kv_heads=2)  # 2 layers x 4 heads
     spec = StatsSpec(spans=[(5, 9)])
     per_call = 4 * att._visible_keys(40, 40, 0)  # 40 queries see 40 * 41 / 2 keys in all
-    monkeypatch.setattr(att, "CPU_KERNEL_MIN_WORK", 3 * per_call)
     from ropelens import rowstats
 
     used = []
     real = rowstats.accumulate
     monkeypatch.setattr(rowstats, "accumulate", lambda *a: used.append(1) or real(*a))
-    first, _ = run_stats(model, ids(1, 40), spec)  # layers 0 and 1: 2 calls' work
-    assert att._rowstats is None and att._work == 2 * per_call and not used
-    second, _ = run_stats(model, ids(1, 40), spec)  # layer 0 reaches 3 calls: loaded
+    with att.use_paths(row_kernel_min_work=3 * per_call):
+        first, _ = run_stats(model, ids(1, 40), spec)  # layers 0 and 1: 2 calls' work
+        assert att._rowstats is None and att._work == 2 * per_call and not used
+        second, _ = run_stats(model, ids(1, 40), spec)  # layer 0 reaches 3 calls: loaded
     assert att._rowstats is not None and len(used) == 2  # one chunk per layer
     for r1, r2 in zip(first.table().to_pylist(), second.table().to_pylist()):
         for key, val in r1.items():  # torch operations and the kernel: the same statistics

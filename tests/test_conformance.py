@@ -341,9 +341,9 @@ def kernel(request, monkeypatch):
     """CPU chunks reduce rows with the compiled kernel or with torch operations (other devices)."""
     from ropelens import attention as att
 
-    monkeypatch.setattr(att, "CPU_KERNEL", request.param)
-    monkeypatch.setattr(att, "CPU_KERNEL_MIN_WORK", 0 if request.param else 2**62)
-    monkeypatch.setattr(att, "_work", 0)
+    monkeypatch.setattr(att, "_work", 0)  # this process's work so far (state, not a choice)
+    with att.use_paths(row_kernel=request.param, row_kernel_min_work=0 if request.param else 2**62):
+        yield
 
 
 def load_plain(model_dir, name: str):

@@ -47,6 +47,13 @@ queries before ``StatsSpec.query_start`` need only the keys before them and are 
 their output comes from the fused SDPA kernel on that prefix (exact, in the input dtype); only the
 counted queries go through the statistics chunks.
 
+The function is written in stages, as transformers writes its attention functions: the checks,
+a pure boundary plan (``bin_plan``: where each query's prefix sums are read and how they become
+masses; ``chunk_plan``: which queries each chunk covers, on how many workers), the fast prefix, a
+per-call record (``_Call``) that the module-level chunk function reads, and the fold into the
+layer's accumulators. How it computes (the fast prefix, the row kernel, the key block width, TF32)
+is a ``Paths`` setting, changed inside ``with use_paths(...)``; none changes what it computes.
+
 CUDA with bf16/fp16 inputs: the chunk matmuls run on TF32 tensor cores. Half-precision values are
 exact in TF32, so Q K^T (scaled afterwards, in fp32) has exact products accumulated in fp32, as in
 plain fp32; P V rounds P to TF32's 10-bit mantissa, no coarser than the half-precision output it
@@ -60,8 +67,8 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
-from functools import cache
+from dataclasses import dataclass, field, replace
+from functools import cache, partial
 
 import numpy as np
 import torch
@@ -75,8 +82,6 @@ from ropelens.errors import RopelensError
 ATTN_IMPLEMENTATION = "ropelens_stats"
 BLOCK = 32  # key block width for the prefix sums (partial blocks are gathered)
 CPU_CHUNK_BYTES = 16 * 2**20  # CPU chunks' logits + probabilities: cache-sized is much faster
-FAST_PATH = True  # uncounted leading queries of a causal unmasked prefill via fused SDPA
-CPU_KERNEL = True  # CPU chunks reduce their rows with ropelens.rowstats (else torch operations)
 # Loading the kernel (numba import + cached machine code) costs ~0.4 s per process and it saves
 # ~1.3 ns per (query, key, head) element over the torch operations. So a process runs its calls
 # with torch operations until their work adds up to about what the load costs (rent, then buy:
@@ -169,6 +174,36 @@ class AttentionRecorder:
 _ACTIVE: AttentionRecorder | None = None
 
 
+@dataclass(frozen=True)
+class Paths:
+    """How the statistics attention computes, never what: every choice gives the same output and
+    statistics (up to the fp32 rounding of sums taken in another order). The defaults are the fast
+    ones; tests and benchmarks pick others inside :func:`use_paths`, as
+    ``torch.nn.attention.sdpa_kernel`` picks SDPA's backends."""
+
+    fast_prefix: bool = True  # uncounted leading queries of a causal unmasked prefill: fused SDPA
+    row_kernel: bool = True  # CPU chunks reduce rows with ropelens.rowstats (else torch operations)
+    row_kernel_min_work: int = CPU_KERNEL_MIN_WORK  # this process's work before it loads the kernel
+    block: int = BLOCK  # key block width of the torch operations' prefix sums
+    tf32: bool | None = None  # unscaled-q matmuls under TF32, logits scaled after (None: if exact)
+
+
+_PATHS = Paths()
+
+
+@contextmanager
+def use_paths(**choices):
+    """Inside the block the statistics attention computes by these ``Paths`` fields (the others as
+    outside it); restored on exit. Yields the paths in force."""
+    global _PATHS
+    prev = _PATHS
+    _PATHS = replace(prev, **choices)
+    try:
+        yield _PATHS
+    finally:
+        _PATHS = prev
+
+
 def chunk_rows(
     spec: StatsSpec, batch: int, heads: int, keys: int, workers: int = 1, cpu: bool = False
 ) -> int:
@@ -180,6 +215,109 @@ def chunk_rows(
     if cpu:  # all workers' logits + probabilities within CPU_CHUNK_BYTES, >= 16 rows each
         rows = min(rows, max(16, CPU_CHUNK_BYTES // (8 * batch * heads * keys * workers)))
     return rows
+
+
+def chunk_plan(
+    spec: StatsSpec, batch: int, heads: int, queries: int, keys: int, first: int, threads: int,
+    cpu: bool,
+) -> tuple[range, int, int]:  # fmt: skip
+    """The chunks of a call's counted queries [first, queries): their starts, the rows of each
+    and the worker threads that run them. On CPU with several torch threads, chunks run on a pool
+    of that many Python threads with single-threaded ops, which beats intra-op threading here
+    (many mid-sized ops, each its own parallel region), above all on busy machines."""
+    workers = threads if cpu and queries - first > 1 else 1
+    rows = 1
+    if first < queries:
+        rows = min(queries - first, chunk_rows(spec, batch, heads, keys, workers, cpu))
+    starts = range(first, queries, rows)
+    return starts, rows, min(workers, len(starts))
+
+
+@dataclass(frozen=True)
+class BinPlan:
+    """Where a call reads each query's prefix sums S(c) = sum_{k<c} p_k, and how their sums over
+    the counted queries become masses: S(bounds) @ diff + count * const, in the columns position
+    bins, distance bins, spans (the spec's orders)."""
+
+    slots: torch.Tensor  # (Lq,) key slot of each query: Lk - Lq + i
+    counted: torch.Tensor  # (Lq,) bool: the query's absolute position is >= spec.query_start
+    bounds: torch.Tensor  # (Lq, boundaries) int64 key slots c, read clamped to a chunk's keys
+    diff: torch.Tensor  # (boundaries, masses) float32, on the CPU
+    const: torch.Tensor  # (masses,) float32, on the CPU: S(Lk) = 1 of the last position bin
+
+
+def bin_plan(spec: StatsSpec, queries: int, keys: int, koff: int, device=None) -> BinPlan:
+    """The boundary plan of a call of ``queries`` over ``keys`` whose key slot 0 sits at absolute
+    position ``koff`` (pure: a function of its arguments).
+
+    Masses are differences of S taken at boundaries c = base (+ the query's slot for distance
+    bins). S(0) = 0 and S(Lk) = 1 are constants, so position edges 0 and Lk and lags >= Lk are not
+    read. Position edges and spans are absolute, converted to key slots (a sliding cache's keys
+    start at koff: edges before it have S = 0); distances are the same in slots."""
+    nb_pos, nb_dist = spec.position_bins, spec.distance_bins
+    lags = [0] + [2**i for i in range(nb_dist - 1)]
+    lags = [lag for lag in lags if lag < keys]
+    total = koff + keys  # keys 0..total-1 in absolute positions, the window's last Lk in the cache
+    base = [(b * total + nb_pos - 1) // nb_pos - koff for b in range(1, nb_pos)]
+    base += [int(c) - koff for span in spec.spans for c in span]
+    base = [min(max(c, 0), keys) for c in base]
+    n_fixed = len(base)
+    base += [1 - lag for lag in lags]
+    diff, const = _mass_matrix(nb_pos, nb_dist, len(spec.spans), n_fixed, len(lags))
+    per_query = torch.arange(len(base), device=device) >= n_fixed
+    slots = torch.arange(keys - queries, keys, device=device)
+    bounds = torch.tensor(base, device=device, dtype=torch.long) + slots[:, None] * per_query
+    return BinPlan(slots, slots + koff >= spec.query_start, bounds, diff, const)
+
+
+def _mass_matrix(nb_pos: int, nb_dist: int, n_span: int, n_fixed: int, n_lags: int):
+    """(diff, const) of :class:`BinPlan` for boundaries [position edges 1..nb_pos-1, span starts
+    and ends, then one per lag]."""
+    diff = torch.zeros(n_fixed + n_lags, nb_pos + nb_dist + n_span)
+    const = torch.zeros(nb_pos + nb_dist + n_span)
+    for b in range(nb_pos):  # bin b = S(edge b+1) - S(edge b); edges 0 and Lk are constants
+        if b < nb_pos - 1:
+            diff[b, b] = 1
+        else:
+            const[b] = 1
+        if b > 0:
+            diff[b - 1, b] = -1
+    for i in range(n_span):
+        diff[nb_pos - 1 + 2 * i + 1, nb_pos + nb_dist + i] = 1
+        diff[nb_pos - 1 + 2 * i, nb_pos + nb_dist + i] = -1
+    for j in range(n_lags):  # bin j = S(q + 1 - lag j) - S(q + 1 - lag j+1)
+        diff[n_fixed + j, nb_pos + j] = 1
+        if j + 1 < n_lags:
+            diff[n_fixed + j + 1, nb_pos + j] = -1
+    return diff, const
+
+
+@dataclass
+class _Call:
+    """One call as its chunks read it: the fp32 inputs (q scaled, unless the logits are scaled
+    after the matmul), the mask as the model passed it, an attention-side method's far set, the
+    plan on the call's device, and the output and per-thread buffers the chunks write."""
+
+    q32: torch.Tensor  # (B, H, Lq, D)
+    k32: torch.Tensor  # (B, Hkv, Lk, D)
+    v32: torch.Tensor  # (B, Hkv, Lk, Dv)
+    mask: torch.Tensor | None  # bool, or additive float
+    far: moves.FarLogits | None
+    is_causal: bool
+    scaling: float
+    scale_after: bool  # TF32 matmuls on unscaled q, logits scaled after
+    softcap: float | None
+    plan: BinPlan
+    lane: torch.Tensor  # arange(block): lanes of a key block of the torch path's prefix sums
+    kernel: tuple[np.ndarray, np.ndarray] | None  # the row kernel's sorted bounds and their order
+    rows: int  # queries per chunk
+    out: torch.Tensor  # (B, Lq, H, Dv) in the input dtype
+    sums_dtype: torch.dtype
+    buffers: threading.local = field(default_factory=threading.local)  # logits, probabilities
+
+    @property
+    def off(self) -> int:  # key slot of query 0
+        return self.k32.shape[2] - self.q32.shape[2]
 
 
 def stats_attention_forward(
@@ -194,7 +332,8 @@ def stats_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """AttentionInterface function: the model's own attention output (SDPA, or its eager
-    attention where SDPA cannot do what it asks); inside record_attention also the statistics."""
+    attention where SDPA cannot do what it asks); inside record_attention also the statistics.
+    Stages: checks, the boundary plan, the fast prefix, the call's record, its chunks, the fold."""
     rec = _ACTIVE
     _check_kwargs(module, kwargs)
     moved = getattr(module, moves.ATTR, None) is not None  # an attention-side method
@@ -203,205 +342,204 @@ def stats_attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
         )
     rec = rec or _silent_recorder()  # moved positions: the chunks' output, no statistics kept
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-        raise RuntimeError("ropelens_stats attention is inference-only: run under torch.no_grad()")
-    if dropout > 0:
-        raise UnsupportedAttention("ropelens_stats attention does not support dropout")
+    _check_inference(query, key, value, dropout)
     softcap = kwargs.get("softcap")
     past = _count_call(rec, module)  # tokens the layer's cache held before this call, if known
-    spec = rec.spec
+    paths, spec = _PATHS, rec.spec
     B, H, Lq, D = query.shape
-    Hkv, Dv = key.shape[1], value.shape[-1]
-    g = H // Hkv
     scaling = D**-0.5 if scaling is None else scaling
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     if attention_mask is None and is_causal and 1 < Lq < key.shape[2]:
         key, value = key[:, :, :Lq], value[:, :, :Lq]  # as SDPA: prefill into an empty static cache
     Lk = key.shape[2]
     _check_window(module, kwargs.get("sliding_window"), attention_mask, Lk)
-    off = Lk - Lq  # key slot of query 0
     # absolute position of key slot 0: from the layer's cache where record_attention saw it, else
     # from the positions RoPE was given
-    if past is not None:
-        koff = max(past + Lq - Lk, 0)
-    else:
-        koff = _key_offset(kwargs.get("position_ids"), Lk)
+    koff = _key_offset(kwargs.get("position_ids"), Lk) if past is None else max(past + Lq - Lk, 0)
     dev, f32 = query.device, torch.float32
-    fmin = torch.finfo(f32).min
-    tf32 = _tf32_exact(query)  # TF32 matmuls on unscaled q, logits scaled after
-    q32 = query.to(f32) if tf32 else query.to(f32) * scaling
+    scale_after = _tf32_exact(query) if paths.tf32 is None else paths.tf32
+    q32 = query.to(f32) if scale_after else query.to(f32) * scaling
     k32, v32 = key.to(f32), value.to(f32)
     acc = rec._acc(module.layer_idx, H, dev)
     rec.calls += 1
     far = moves.far_logits(module, q32, k32, koff)  # attention-side: the far q / k set
+    plan = bin_plan(spec, Lq, Lk, koff, dev)
 
-    # Masses are differences of prefix sums S(c) = sum_{k<c} p_k taken at boundaries c = base (+ the
-    # query position for distance bins): masses = S(boundaries) @ diff + const. S(0) = 0 and
-    # S(Lk) = 1 are constants, so position edges 0 and Lk and lags >= Lk are not gathered.
-    # Position edges and spans are absolute, converted to key slots (a sliding cache's keys start
-    # at koff: edges before it have S = 0); distances are the same in slots.
-    nb_pos, n_span, nb_dist = spec.position_bins, len(spec.spans), spec.distance_bins
-    lags = [0] + [2**i for i in range(nb_dist - 1)]
-    lags = [lag for lag in lags if lag < Lk]
-    total = koff + Lk  # keys 0..total-1 in absolute positions, the window's last Lk in the cache
-    base = [(b * total + nb_pos - 1) // nb_pos - koff for b in range(1, nb_pos)]
-    base += [int(c) - koff for span in spec.spans for c in span]
-    base = [min(max(c, 0), Lk) for c in base]
-    n_fixed = len(base)
-    base += [1 - lag for lag in lags]
-    diff = torch.zeros(len(base), nb_pos + nb_dist + n_span)
-    const = torch.zeros(nb_pos + nb_dist + n_span)
-    for b in range(nb_pos):  # bin b = S(edge b+1) - S(edge b); edges 0 and Lk are constants
-        if b < nb_pos - 1:
-            diff[b, b] = 1
-        else:
-            const[b] = 1
-        if b > 0:
-            diff[b - 1, b] = -1
-    for i in range(n_span):
-        diff[nb_pos - 1 + 2 * i + 1, nb_pos + nb_dist + i] = 1
-        diff[nb_pos - 1 + 2 * i, nb_pos + nb_dist + i] = -1
-    for j in range(len(lags)):  # bin j = S(q + 1 - lag j) - S(q + 1 - lag j+1)
-        diff[n_fixed + j, nb_pos + j] = 1
-        if j + 1 < len(lags):
-            diff[n_fixed + j + 1, nb_pos + j] = -1
-    diff, const = diff.to(dev), const.to(dev)
-    base = torch.tensor(base, device=dev, dtype=torch.long)
-    per_query = torch.arange(len(base), device=dev) >= n_fixed
-    positions = torch.arange(off, Lk, device=dev)
-    bounds = base + positions[:, None] * per_query  # (Lq, boundaries)
-    counted = positions + koff >= spec.query_start
-    lane = torch.arange(BLOCK, device=dev)
-
-    out = torch.empty(B, Lq, H, Dv, dtype=query.dtype, device=dev)
-    # Fast path: with queries and keys both at 0..Lq-1 (off == 0), causal and unmasked, queries
-    # [0, fast) see only keys [0, fast), so fused SDPA on that prefix gives exactly their output.
-    # They are not counted, so they need no statistics. Masks and decoding steps keep the chunks.
-    fast = 0
-    if FAST_PATH and off == 0 and koff == 0 and is_causal and attention_mask is None:
-        fast = 0 if softcap is not None else min(max(spec.query_start, 0), Lq)
-        fast = fast if far is None else min(fast, far.window)  # all their distances are < w
+    out = torch.empty(B, Lq, H, value.shape[-1], dtype=query.dtype, device=dev)
+    fast = _fast_queries(spec, paths, Lq, Lk, koff, is_causal, attention_mask, softcap, far)
     if fast:
-        # GQA: repeat the kv heads (enable_gqa needs torch >= 2.5; pyproject allows 2.4)
-        k_fast, v_fast = key[:, :, :fast], value[:, :, :fast]
-        if g > 1:
-            k_fast, v_fast = k_fast.repeat_interleave(g, 1), v_fast.repeat_interleave(g, 1)
-        o = torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, :fast], k_fast, v_fast, is_causal=True, scale=scaling
-        )
-        out[:, :fast] = o.transpose(1, 2)
+        _fast_prefix(query, key, value, scaling, fast, out)
         rec.fast_queries += fast
-
     cpu = dev.type == "cpu"
     # CPU: the chunks' rows reduced by the compiled kernel, where its load is repaid
-    kernel = cpu and CPU_KERNEL and _row_kernel(B * H * _visible_keys(Lq, Lk, fast))
-    if kernel:  # boundaries in ascending order per query (the kernel clamps them, keeping order)
-        sorted_bounds, sorted_order = (x.numpy() for x in torch.sort(bounds, dim=-1, stable=True))
-
-    # CPU: chunks run on a pool of Python threads with single-threaded ops, which beats intra-op
-    # threading here (many mid-sized ops, each its own parallel region), above all on busy machines
-    workers = torch.get_num_threads() if cpu and Lq - fast > 1 else 1
-    rows = min(Lq - fast, chunk_rows(spec, B, H, Lk, workers, cpu)) if fast < Lq else 1
-    starts = range(fast, Lq, rows)  # the counted queries, chunk by chunk
-    workers = min(workers, len(starts))
-    buffers = threading.local()
-
-    def chunk(c0: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attend queries [c0, c0 + rows): write their output; return per-head sums of their
-        [count, entropy, S(boundaries)...] and [count, entropy] of the call's last query."""
-        c1 = min(Lq, c0 + rows)
-        n = c1 - c0
-        if not hasattr(buffers, "s"):  # one pair per worker thread
-            buffers.s = torch.empty(B * H * rows * Lk, dtype=f32, device=dev)
-            buffers.p = torch.empty_like(buffers.s)
-        qpos, sel = positions[c0:c1], counted[c0:c1]
-        # visible keys lie in [0, kend); valid rows have at least one
-        m, valid = None, None
-        kend = off + c1 if is_causal else Lk
-        if attention_mask is not None:
-            m = attention_mask[:, :, c0:c1]
-            if m.dtype == torch.bool:
-                seen = m.any(dim=(0, 1, 2)).nonzero()
-                kend = int(seen[-1]) + 1 if len(seen) else 1
-                m = m[..., :kend]
-                valid = m.any(-1)
-            else:
-                kend = Lk
-                valid = (m > torch.finfo(m.dtype).min).any(-1)
-            sel = sel & valid
-        sel = sel.expand(B, H, n)
-
-        # logits, masked with the largest negative float (not -inf, so that 0 * s = 0 below)
-        qc = q32[:, :, c0:c1].reshape(B, Hkv, g * n, D)
-        s = buffers.s[: B * H * n * kend].view(B, Hkv, g * n, kend)
-        torch.matmul(qc, k32[:, :, :kend].transpose(-1, -2), out=s)
-        if far is not None:  # distances >= the window: logits of the further-rotated q / k
-            far.merge(s, c0, c1, kend, H)
-        if tf32:
-            s.mul_(scaling)
-        if softcap is not None:  # the statistics see the capped logits, as the model's softmax
-            s.div_(softcap).tanh_().mul_(softcap)
-        s4 = s.view(B, H, n, kend)
-        if m is None:
-            if is_causal and off + c0 + 1 < kend:  # mask k > q in the trailing triangle
-                tri = torch.arange(off + c0 + 1, kend, device=dev) > qpos[:, None]
-                s4[..., off + c0 + 1 :].masked_fill_(tri, fmin)
-        elif m.dtype == torch.bool:
-            s4.masked_fill_(~m, fmin)
-        else:
-            s4.add_(m.to(f32).clamp(min=fmin))
-        p = buffers.p[: B * H * n * kend].view(B, Hkv, g * n, kend)
-        torch.softmax(s, -1, out=p)
-        o = torch.matmul(p, v32[:, :, :kend]).view(B, H, n, Dv)
-        if m is not None and m.dtype == torch.bool:
-            o = o.masked_fill(~valid[..., None], 0.0)  # SDPA returns 0 for fully masked rows
-        out[:, c0:c1] = o.transpose(1, 2)
-
-        # entropy: lse - sum(p * s), with lse = max(s) - log max(p)
-        p4 = p.view(B, H, n, kend)
-        if kernel:  # CPU: one compiled pass per row (ropelens.rowstats)
-            return _rowstats.accumulate(s4, p4, sorted_bounds, sorted_order, c0, sel)
-        ent = s4.amax(-1) - p4.amax(-1).log() - s4.mul_(p4).sum(-1)
-
-        # prefix sums at the boundaries: whole key blocks + a gathered partial block
-        bnd = bounds[c0:c1].clamp(0, kend)
-        if kend <= bnd.shape[1] * BLOCK:  # short rows: a plain cumulative sum is cheaper
-            cum = torch.nn.functional.pad(p4.cumsum(-1), (1, 0))
-            pre = cum.gather(-1, bnd.expand(B, H, n, -1))
-        else:
-            blk, rem = bnd // BLOCK, bnd % BLOCK
-            nfull = kend // BLOCK
-            bsum = p4[..., : nfull * BLOCK].unflatten(-1, (nfull, BLOCK)).sum(-1)
-            cum = torch.nn.functional.pad(bsum.cumsum(-1), (1, 0))
-            idx = (blk[..., None] * BLOCK + lane).clamp_(max=kend - 1).flatten(1)
-            part = p4.gather(-1, idx.expand(B, H, n, -1)).unflatten(-1, (-1, BLOCK))
-            pre = cum.gather(-1, blk.expand(B, H, n, -1)) + (part * (lane < rem[..., None])).sum(-1)
-
-        stats = torch.cat([torch.ones_like(ent)[..., None], ent[..., None], pre], -1)
-        stats = torch.where(sel[..., None], stats, 0.0).to(acc["sums"].dtype)
-        return stats.sum((0, 2)), stats[:, :, -1, :2].sum(0)
-
+    work = B * H * _visible_keys(Lq, Lk, fast)
+    kernel = cpu and paths.row_kernel and _row_kernel(work, paths.row_kernel_min_work)
+    sort = None  # the kernel: boundaries in ascending order per query (it clamps them, in order)
+    if kernel:
+        sort = tuple(x.numpy() for x in torch.sort(plan.bounds, dim=-1, stable=True))
+    starts, rows, workers = chunk_plan(spec, B, H, Lq, Lk, fast, torch.get_num_threads(), cpu)
+    call = _Call(
+        q32=q32, k32=k32, v32=v32, mask=attention_mask, far=far, is_causal=is_causal,
+        scaling=scaling, scale_after=scale_after, softcap=softcap, plan=plan,
+        lane=torch.arange(paths.block, device=dev), kernel=sort, rows=rows, out=out,
+        sums_dtype=acc["sums"].dtype,
+    )  # fmt: skip
     rec.chunks += len(starts)
+    _fold(acc, _run_chunks(call, starts, workers), plan)
+    return out, None
+
+
+def _check_inference(query, key, value, dropout: float) -> None:
+    """No autograd through the output, no dropout: the chunks compute neither."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        raise RuntimeError("ropelens_stats attention is inference-only: run under torch.no_grad()")
+    if dropout > 0:
+        raise UnsupportedAttention("ropelens_stats attention does not support dropout")
+
+
+def _fast_queries(spec, paths, queries, keys, koff, is_causal, mask, softcap, far) -> int:
+    """Leading queries whose output fused SDPA gives exactly and that need no statistics: with
+    queries and keys both at positions 0..Lq-1, causal and unmasked, queries [0, fast) see only
+    keys [0, fast); those before ``query_start`` are not counted (an attention-side method's far
+    logits only from its window on). Masks, decoding steps and soft-capping keep the chunks."""
+    if not (paths.fast_prefix and keys == queries and koff == 0 and is_causal and mask is None):
+        return 0
+    fast = 0 if softcap is not None else min(max(spec.query_start, 0), queries)
+    return fast if far is None else min(fast, far.window)  # all their distances are < w
+
+
+def _fast_prefix(query, key, value, scaling: float, fast: int, out: torch.Tensor) -> None:
+    """Write the output of queries [0, fast) from fused SDPA on keys [0, fast) (the input dtype)."""
+    g = query.shape[1] // key.shape[1]
+    # GQA: repeat the kv heads (enable_gqa needs torch >= 2.5; pyproject allows 2.4)
+    k_fast, v_fast = key[:, :, :fast], value[:, :, :fast]
+    if g > 1:
+        k_fast, v_fast = k_fast.repeat_interleave(g, 1), v_fast.repeat_interleave(g, 1)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, :fast], k_fast, v_fast, is_causal=True, scale=scaling
+    )
+    out[:, :fast] = o.transpose(1, 2)
+
+
+def _run_chunks(call: _Call, starts: range, workers: int) -> list:
+    """Each chunk's sums, in order: on ``workers`` threads with single-threaded torch ops (CPU), or
+    one after the other (under TF32 matmuls where the call scales its logits after them)."""
     if workers > 1:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             with ThreadPoolExecutor(workers) as pool:
-                results = list(pool.map(chunk, starts))
+                return list(pool.map(partial(_chunk, call), starts))
         finally:
             torch.set_num_threads(threads)
+    with _tf32_matmuls(call.scale_after):
+        return [_chunk(call, c0) for c0 in starts]
+
+
+def _chunk(call: _Call, c0: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attend queries [c0, c0 + rows) of a call: write their output; return per-head sums of their
+    [count, entropy, S(boundaries)...] and [count, entropy] of the call's last query."""
+    c1 = min(call.q32.shape[2], c0 + call.rows)
+    m, valid, sel, kend = _chunk_keys(call, c0, c1)
+    s4, p4 = _chunk_attend(call, c0, c1, kend, m, valid)
+    if call.kernel is not None:  # CPU: one compiled pass per row (ropelens.rowstats)
+        return _rowstats.accumulate(s4, p4, *call.kernel, c0, sel)
+    return _chunk_sums(call, c0, c1, kend, s4, p4, sel)
+
+
+def _chunk_keys(call: _Call, c0: int, c1: int):
+    """The keys queries [c0, c1) see, lying in [0, kend): (the mask's rows or None, whether each
+    row sees any key or None, the counted rows (B, H, n), kend). Valid rows see at least one."""
+    B, H = call.q32.shape[:2]
+    sel, m, valid = call.plan.counted[c0:c1], None, None
+    kend = call.off + c1 if call.is_causal else call.k32.shape[2]
+    if call.mask is not None:
+        m = call.mask[:, :, c0:c1]
+        if m.dtype == torch.bool:
+            seen = m.any(dim=(0, 1, 2)).nonzero()
+            kend = int(seen[-1]) + 1 if len(seen) else 1
+            m = m[..., :kend]
+            valid = m.any(-1)
+        else:
+            kend = call.k32.shape[2]
+            valid = (m > torch.finfo(m.dtype).min).any(-1)
+        sel = sel & valid
+    return m, valid, sel.expand(B, H, c1 - c0), kend
+
+
+def _chunk_attend(call: _Call, c0: int, c1: int, kend: int, m, valid):
+    """Logits (the far ones merged, scaled, capped, masked with the largest negative float, not
+    -inf, so that 0 * s = 0 later) and probabilities of queries [c0, c1) over keys [0, kend), in
+    this thread's buffers: write the queries' output; return both as (B, H, n, kend)."""
+    B, H, _, D = call.q32.shape
+    Hkv, Lk, n, f32 = *call.k32.shape[1:3], c1 - c0, torch.float32
+    g, buf = H // Hkv, call.buffers
+    if not hasattr(buf, "s"):  # one pair per worker thread
+        buf.s = torch.empty(B * H * call.rows * Lk, dtype=f32, device=call.q32.device)
+        buf.p = torch.empty_like(buf.s)
+    qc = call.q32[:, :, c0:c1].reshape(B, Hkv, g * n, D)
+    s = buf.s[: B * H * n * kend].view(B, Hkv, g * n, kend)
+    torch.matmul(qc, call.k32[:, :, :kend].transpose(-1, -2), out=s)
+    if call.far is not None:  # distances >= the window: logits of the further-rotated q / k
+        call.far.merge(s, c0, c1, kend, H)
+    if call.scale_after:
+        s.mul_(call.scaling)
+    if call.softcap is not None:  # the statistics see the capped logits, as the model's softmax
+        s.div_(call.softcap).tanh_().mul_(call.softcap)
+    s4, fmin = s.view(B, H, n, kend), torch.finfo(f32).min
+    if m is None:
+        first = call.off + c0 + 1  # key slot after query c0's: mask k > q in the trailing triangle
+        if call.is_causal and first < kend:
+            tri = torch.arange(first, kend, device=s.device) > call.plan.slots[c0:c1, None]
+            s4[..., first:].masked_fill_(tri, fmin)
+    elif m.dtype == torch.bool:
+        s4.masked_fill_(~m, fmin)
     else:
-        with _tf32_matmuls(tf32):
-            results = [chunk(c0) for c0 in starts]
-    if results:  # none when the fast path took every query (none counted)
-        # sums of [count, entropy, S(boundaries)]; masses are linear in S, so convert the sums
-        tot = torch.stack([sums for sums, _ in results]).sum(0).to(acc["sums"])
-        masses = tot[:, 2:] @ diff.to(tot) + tot[:, :1] * const.to(tot)
-        acc["sums"] += torch.cat([tot[:, :2], masses], -1)
-        # the last chunk holds the call's last query
-        cnt, last = results[-1][1].unbind(-1)
-        acc["entropy_last"] = torch.where(cnt > 0, last / cnt.clamp(min=1), acc["entropy_last"])
-    return out, None
+        s4.add_(m.to(f32).clamp(min=fmin))
+    p = buf.p[: B * H * n * kend].view(B, Hkv, g * n, kend)
+    torch.softmax(s, -1, out=p)
+    o = torch.matmul(p, call.v32[:, :, :kend]).view(B, H, n, -1)
+    if m is not None and m.dtype == torch.bool:
+        o = o.masked_fill(~valid[..., None], 0.0)  # SDPA returns 0 for fully masked rows
+    call.out[:, c0:c1] = o.transpose(1, 2)
+    return s4, p.view(B, H, n, kend)
+
+
+def _chunk_sums(call: _Call, c0: int, c1: int, kend: int, s4, p4, sel):
+    """The chunk's sums with torch operations (other devices; CPU before the row kernel): entropy
+    lse - sum(p * s), with lse = max(s) - log max(p) (``s4`` is overwritten), and prefix sums at
+    the boundaries from whole key blocks plus a gathered partial block."""
+    B, H, n, _ = p4.shape
+    ent = s4.amax(-1) - p4.amax(-1).log() - s4.mul_(p4).sum(-1)
+    bnd, lane = call.plan.bounds[c0:c1].clamp(0, kend), call.lane
+    block = lane.shape[0]
+    if kend <= bnd.shape[1] * block:  # short rows: a plain cumulative sum is cheaper
+        cum = torch.nn.functional.pad(p4.cumsum(-1), (1, 0))
+        pre = cum.gather(-1, bnd.expand(B, H, n, -1))
+    else:
+        blk, rem = bnd // block, bnd % block
+        nfull = kend // block
+        bsum = p4[..., : nfull * block].unflatten(-1, (nfull, block)).sum(-1)
+        cum = torch.nn.functional.pad(bsum.cumsum(-1), (1, 0))
+        idx = (blk[..., None] * block + lane).clamp_(max=kend - 1).flatten(1)
+        part = p4.gather(-1, idx.expand(B, H, n, -1)).unflatten(-1, (-1, block))
+        pre = cum.gather(-1, blk.expand(B, H, n, -1)) + (part * (lane < rem[..., None])).sum(-1)
+    stats = torch.cat([torch.ones_like(ent)[..., None], ent[..., None], pre], -1)
+    stats = torch.where(sel[..., None], stats, 0.0).to(call.sums_dtype)
+    return stats.sum((0, 2)), stats[:, :, -1, :2].sum(0)
+
+
+def _fold(acc: dict, results: list, plan: BinPlan) -> None:
+    """Add a call's chunk sums to its layer's accumulators: [count, entropy, S(boundaries)] sums,
+    converted once to masses (they are linear in S); the last chunk holds the call's last query.
+    Nothing when the fast prefix took every query (none counted)."""
+    if not results:
+        return
+    tot = torch.stack([sums for sums, _ in results]).sum(0).to(acc["sums"])
+    masses = tot[:, 2:] @ plan.diff.to(tot) + tot[:, :1] * plan.const.to(tot)
+    acc["sums"] += torch.cat([tot[:, :2], masses], -1)
+    cnt, last = results[-1][1].unbind(-1)
+    acc["entropy_last"] = torch.where(cnt > 0, last / cnt.clamp(min=1), acc["entropy_last"])
 
 
 # kwargs that models pass to attention functions and that change nothing here (None or False is
@@ -558,13 +696,13 @@ def _visible_keys(Lq: int, Lk: int, first: int) -> int:
     return (Lq - first) * (off + 1) + (Lq * (Lq - 1) - first * (first - 1)) // 2
 
 
-def _row_kernel(work: int) -> bool:
+def _row_kernel(work: int, min_work: int = CPU_KERNEL_MIN_WORK) -> bool:
     """Whether this call reduces rows with ropelens.rowstats: once loaded always; before, when
     the process's work so far, this call's included (query x visible key x head x batch
-    elements), has reached CPU_KERNEL_MIN_WORK."""
+    elements), has reached ``min_work`` (``Paths.row_kernel_min_work``)."""
     global _rowstats, _work
     _work += work
-    if _rowstats is None and _work >= CPU_KERNEL_MIN_WORK:
+    if _rowstats is None and _work >= min_work:
         from ropelens import rowstats
 
         _rowstats = rowstats
@@ -631,8 +769,10 @@ def record_attention(model, spec: StatsSpec | None = None):
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "AttentionRecorder",
+    "Paths",
     "StatsSpec",
     "UnsupportedAttention",
     "record_attention",
     "stats_attention_forward",
+    "use_paths",
 ]
