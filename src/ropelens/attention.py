@@ -26,10 +26,10 @@ positions are key slots (left padding included).
 Queries without any visible key (padding) are not counted. Keys after the query (non-causal masks)
 are in no distance bin. Inference only (no autograd through the output).
 
-Attention-side methods (``ropelens.positions``: ReRoPE, Self-Extend) live here too: on a module
-that carries a position map, each chunk's logits of (query, key) pairs at least the method's window
-apart come from the queries and keys further rotated to the method's positions, in every call —
-recording or not, so PPL, attention and needle cells all see the method (outside
+Attention-side methods (``ropelens.positions``: ReRoPE, Self-Extend, STRING) live here too: on a
+module that carries a position map, each chunk's logits of (query, key) pairs at least the method's
+window apart come from the queries and keys further rotated to the method's positions, in every
+call — recording or not, so PPL, attention and needle cells all see the method (outside
 record_attention the chunks give the output and no statistics are kept).
 
 Soft-capped logits (Gemma2: s = cap * tanh(s / cap), before the mask) are capped here too, so the
