@@ -16,7 +16,7 @@ rule tiny_model:
         " --spec {params.spec:q} 2> {log}"
 
 
-# The toy model zoo (src/ropelens/toy.py): a small LLaMA pretrained with plain RoPE at its
+# The toy model zoo (src/ropelens/toytrain.py): a small LLaMA pretrained with plain RoPE at its
 # pretrained_length L0 (rule pretrain), then continually pretrained with a method at the method's
 # cpt_length (rule continual). What and how long to train: the config's `train:` blocks.
 

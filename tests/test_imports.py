@@ -2,9 +2,9 @@
 
 Edges are read from the source with ast — every ``import ropelens.x`` and ``from ropelens[.x]
 import``, at module level and inside functions alike (a deferred import is still a dependency).
-Known back-edges, each a deferred import inside a function, are listed in KNOWN_CYCLES with the
-piece of issue 16 that removes it; delete an entry when its cycle is fixed (the test then keeps it
-fixed).
+The last known cycles (toy -> cli, toy -> config, and the plan-time checks -> config's grid
+helpers) went with issue 16: the grid is ``ropelens.grid``, the toy zoo ``toydata`` / ``toytrain``
+with its commands in cli and its train-block checks in config.
 """
 
 from __future__ import annotations
@@ -13,13 +13,6 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "ropelens"
-
-KNOWN_CYCLES = {
-    # item 1 (toy.py reshaped): toy uses cli._json / cli._progress and config.method_params while
-    # cli and config.check import toy
-    ("toy", "cli"),
-    ("toy", "config"),
-}
 
 
 def import_graph(src: Path = SRC, top_level_only: bool = False) -> dict[str, set[str]]:
@@ -72,11 +65,9 @@ def cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_no_import_cycle_besides_the_known_ones():
+def test_no_import_cycle():
     graph = import_graph()
-    known = {(a, b) for a, b in KNOWN_CYCLES if b in graph.get(a, ())}
-    rest = {a: {b for b in deps if (a, b) not in known} for a, deps in graph.items()}
-    assert cycle(rest) is None, f"import cycle: {' -> '.join(cycle(rest))}"
+    assert cycle(graph) is None, f"import cycle: {' -> '.join(cycle(graph))}"
 
 
 def test_no_module_level_import_cycle_at_all():

@@ -408,6 +408,47 @@ def cmd_aggregate_ppl(args) -> int:
 # --- parser ----------------------------------------------------------------------------------
 
 
+def _with_threads(settings: dict, threads: int | None) -> dict:
+    return {**settings, "threads": threads} if threads else settings
+
+
+def _train_progress(desc: str):
+    return _progress(desc, mininterval=5.0, ascii=True)  # long runs: fewer, plain-ASCII updates
+
+
+def cmd_pretrain(args) -> int:
+    s = _train(args, "pretrain", f"pretrain L={args.length}")
+    _trained(args, f"{s['parameters']} parameters, {s['steps']} steps", s)
+    return 0
+
+
+def cmd_continual(args) -> int:
+    s = _train(args, "continual", f"continual {args.spec.get('method')} L={args.length}")
+    _trained(args, f"{s['steps']} steps at {args.length}", s)
+    return 0
+
+
+def _train(args, role: str, desc: str) -> dict:
+    """Check ``--settings`` as a ``role`` train block, then train (:mod:`ropelens.toytrain`)."""
+    from ropelens import config, toytrain
+
+    config.check_train(args.settings, "--settings", role)
+    args.settings = _with_threads(args.settings, args.threads)
+    run = dict(device=args.device, progress=_train_progress(desc))
+    data = (args.corpus, args.haystack, args.out)
+    if role == "pretrain":
+        return toytrain.pretrain(args.settings, args.length, *data, **run)
+    return toytrain.continual(args.spec, args.settings, args.length, *data, **run)
+
+
+def _trained(args, what: str, s: dict) -> None:
+    print(
+        f"wrote {args.out}: {what} in {s['seconds']:.1f} s, "
+        f"final LM loss {s['final']['lm_loss']:.4f}, answer loss {s['final']['answer_loss']:.4f}",
+        file=sys.stderr,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="ropelens",
@@ -421,6 +462,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    for add in (
+        _setup_commands,
+        _ppl_commands,
+        _attention_commands,
+        _report_command,
+        _needle_commands,
+        _task_commands,
+        _toy_commands,
+    ):
+        add(sub)
+    for choice in sub._choices_actions:  # `ropelens CMD --help` opens with what CMD does
+        parser = sub.choices[choice.dest]
+        parser.description = parser.description or f"ropelens {choice.dest}: {choice.help}."
+    p.epilog = "Run `ropelens COMMAND --help` for what a command reads, writes and takes."
+    return p
+
+
+def _setup_commands(sub) -> None:
+    """Commands that check a config or prepare inputs: models, corpora, tokens."""
     s = sub.add_parser("check-config", help="validate a workflow config and summarise its grid")
     s.add_argument("config", help="path to a YAML config (e.g. config.yaml)")
     s.add_argument("--base-dir", default=".", help="folder that relative paths start from")
@@ -470,6 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output Parquet (doc_id, n_tokens, input_ids)")
     s.set_defaults(func=cmd_tokenize)
 
+
+def _ppl_commands(sub) -> None:
     s = sub.add_parser("ppl", help="compute one perplexity cell (model, method, length)")
     s.add_argument("--spec", type=_json, required=True, help="JSON cell spec (model + method)")
     s.add_argument("--settings", type=_json, required=True, help="JSON ppl settings from config")
@@ -486,6 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--png", help="chart PNG path")
     s.set_defaults(func=cmd_aggregate_ppl)
 
+
+def _attention_commands(sub) -> None:
     s = sub.add_parser("attention", help="compute one attention-statistics cell")
     s.add_argument("--spec", type=_json, required=True, help="JSON cell spec (model + method)")
     s.add_argument("--settings", type=_json, required=True, help="JSON attention settings")
@@ -527,6 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--png", nargs="*", default=[], help="chart PNG per model")
     s.set_defaults(func=cmd_aggregate_sinks)
 
+
+def _report_command(sub) -> None:
     s = sub.add_parser(
         "report",
         help="one self-contained HTML page with every table, chart and provenance",
@@ -551,6 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--title", default="ropelens report", help="page title")
     s.set_defaults(func=cmd_report)
 
+
+def _needle_commands(sub) -> None:
     s = sub.add_parser(
         "needle", help="compute one needle-in-a-haystack cell with attention entropy"
     )
@@ -577,16 +645,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--strata-html", nargs="*", default=[], help="AUROC-by-length HTML per model")
     s.add_argument("--strata-png", nargs="*", default=[], help="AUROC-by-length PNG per model")
     s.set_defaults(func=cmd_aggregate_needle)
-
-    _task_commands(sub)
-    from ropelens import toy
-
-    toy.add_commands(sub)
-    for choice in sub._choices_actions:  # `ropelens CMD --help` opens with what CMD does
-        parser = sub.choices[choice.dest]
-        parser.description = parser.description or f"ropelens {choice.dest}: {choice.help}."
-    p.epilog = "Run `ropelens COMMAND --help` for what a command reads, writes and takes."
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -664,6 +722,30 @@ def _task_commands(sub) -> None:
     s.add_argument("--html", nargs="*", default=[], help="heatmap HTML per model x task")
     s.add_argument("--png", nargs="*", default=[], help="heatmap PNG per model x task")
     s.set_defaults(func=cmd_aggregate_tasks)
+
+
+def _toy_commands(sub) -> None:
+    """The toy zoo's training (:mod:`ropelens.toytrain`, rules/toy.smk)."""
+    s = sub.add_parser("pretrain", help="pretrain a toy LLaMA (plain RoPE) from scratch")
+    s.add_argument("--length", type=int, required=True, help="pretraining length L0 in tokens")
+    _train_args(s)
+    s.set_defaults(func=cmd_pretrain)
+
+    s = sub.add_parser("continual", help="continually pretrain a base model with a RoPE method")
+    s.add_argument("--spec", type=_json, required=True, help="JSON cell spec; source = the base")
+    s.add_argument("--length", type=int, required=True, help="continual-pretraining length")
+    _train_args(s)
+    s.set_defaults(func=cmd_continual)
+
+
+def _train_args(s) -> None:
+    """Arguments both training commands take, after their own."""
+    s.add_argument("--settings", type=_json, required=True, help="JSON train block from config")
+    s.add_argument("--corpus", required=True, help="LM corpus Parquet from `ropelens corpus`")
+    s.add_argument("--haystack", help="haystack corpus Parquet (needed when needle_fraction > 0)")
+    s.add_argument("--out", required=True, help="output model directory")
+    s.add_argument("--device", default="cpu", help="cpu (default, deterministic), cuda or auto")
+    s.add_argument("--threads", type=int, help="torch CPU threads (default: settings' threads)")
 
 
 def check_arguments(args) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from functools import cache
 from pathlib import Path
@@ -135,9 +136,7 @@ def _check_models(cfg: dict, base: Path) -> None:
                 "give a local Hugging Face model directory or use 'hub: <org/name>'"
             )
         if "train" in model:
-            from ropelens import toy
-
-            toy.check_settings(model["train"], f"models.{name}.train", cfg, role="pretrain")
+            _check_pretrain(cfg, name)
         if "gguf" in model:
             from ropelens import gguf
 
@@ -179,10 +178,8 @@ def _check_methods(cfg: dict, base: Path) -> None:
                     "ropelens' attention, which is inference-only; run it training-free"
                 )
             if "train" in ckpt:
-                from ropelens import toy
-
                 where_ckpt = f"{where}.checkpoints.{model}.train"
-                toy.check_settings(ckpt["train"], where_ckpt, cfg, role="continual")
+                _check_continual(cfg, label, model)
                 if "hub" in models[model]:
                     raise ConfigError(
                         f"{where_ckpt}: continual pretraining needs a local base model; "
@@ -301,6 +298,180 @@ def prepare(cfg: dict, base_dir: str | os.PathLike = ".") -> dict:
     preflight.check(cfg, base_dir)  # what the config points at: models, labels (plan time)
     resources.prepare(cfg)  # cluster resources (issue 6): tiers by length
     return cfg
+
+
+# --- the toy zoo's train blocks (schema: definitions.train_pretrain / train_continual) -----------
+
+TRAIN_CORPUS_KEYS = ("corpus", "haystack")  # settings that name a corpus of ``corpora``
+_TRAIN_TYPES = {"integer": "an integer", "number": "a number", "string": "a corpus name"}
+
+
+def train_properties(role: str) -> dict:
+    """Setting -> its schema for a ``train:`` block of ``role`` ('pretrain' or 'continual'), in
+    the schema's order (a pretrain block's architecture first)."""
+    defs = schema()["definitions"]
+    return {**defs[f"train_{role}"].get("properties", {}), **defs["train_common"]["properties"]}
+
+
+def train_defaults(settings: dict, role: str) -> dict:
+    """``settings`` with every default of ``role`` filled in (warmup: 5 % of steps)."""
+    props = train_properties(role)
+    out = {k: copy.deepcopy(p["default"]) for k, p in props.items() if "default" in p}
+    out.update(settings)
+    if out.get("warmup") is None:
+        out["warmup"] = max(1, out["steps"] // 20)
+    return out
+
+
+def check_train(settings, where: str, role: str, corpora: dict | None = None) -> dict:
+    """Check keys, types and ranges of a ``train:`` block against its schema; returns it with
+    defaults filled in. ``corpora`` (the config's) also checks corpus names. The first problem in
+    the schema's order of settings is one line naming the key and the fix."""
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{where}: must be a mapping of training settings")
+    props = train_properties(role)
+    for key in settings:
+        if key in props:
+            continue
+        if key in train_properties("pretrain"):
+            raise ConfigError(
+                f"{where}.{key}: only for pretraining; a continual run keeps the base model's "
+                "architecture — remove it"
+            )
+        raise ConfigError(f"{where}.{key}: unknown setting; allowed: {', '.join(props)}")
+    problems = _train_problems(settings, role, corpora)
+    if problems:
+        key = min(problems, key=list(props).index)
+        raise ConfigError(f"{where}.{key}: {problems[key]}")
+    s = train_defaults(settings, role)
+    if s["needle_fraction"] > 0 and not s.get("haystack"):
+        raise ConfigError(
+            f"{where}.haystack: needle_fraction > 0 needs a haystack corpus; "
+            "add one (e.g. haystack: pydoc-train) or set needle_fraction: 0"
+        )
+    if role == "pretrain":
+        heads, kv = s["heads"], s.get("kv_heads") or s["heads"]
+        if s["hidden_size"] % heads or (s["hidden_size"] // heads) % 2:
+            raise ConfigError(
+                f"{where}.heads: hidden_size ({s['hidden_size']}) / heads ({heads}) must be an "
+                "even integer (the RoPE head dimension); change one of them"
+            )
+        if heads % kv:
+            raise ConfigError(f"{where}.kv_heads: {kv} must divide heads ({heads})")
+    return s
+
+
+def _train_problems(settings: dict, role: str, corpora: dict | None) -> dict:
+    """Setting -> what is wrong with it and the fix: the schema's verdict (integers strictly, not
+    3.0), numbers that are not finite, corpus names that are not in ``corpora``."""
+    import jsonschema
+
+    props = train_properties(role)
+    base = jsonschema.Draft202012Validator
+    strict = base.TYPE_CHECKER.redefine(
+        "integer", lambda _, x: isinstance(x, int) and not isinstance(x, bool)
+    )
+    root = {"definitions": schema()["definitions"], "$ref": f"#/definitions/train_{role}"}
+    out = {}
+    for err in jsonschema.validators.extend(base, type_checker=strict)(root).iter_errors(settings):
+        if err.validator == "required":
+            key = err.message.split("'")[1]
+            out.setdefault(key, f"required; add it (e.g. {key}: {props[key]['examples'][0]})")
+        elif err.path:
+            out.setdefault(
+                err.path[0], _setting_problem(err.validator, err.instance, props[err.path[0]])
+            )
+    for key, value in settings.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            out[key] = _setting_problem("type", value, props[key])
+        elif key in TRAIN_CORPUS_KEYS and isinstance(value, str) and not _known(value, corpora):
+            out.setdefault(
+                key,
+                f"'{value}' is not in corpora; add it under corpora "
+                f"(e.g. {value}: {{builtin: stdlib, split: train}}) or use one of "
+                f"{', '.join(corpora)}",
+            )
+    return out
+
+
+def _known(name: str, corpora: dict | None) -> bool:
+    return corpora is None or name in corpora
+
+
+def _setting_problem(validator: str, value, prop: dict) -> str:
+    """What is wrong with one setting (a jsonschema validator's verdict) and the fix."""
+    fraction = prop.get("minimum") == 0 and prop.get("maximum") == 1
+    if validator == "type":
+        types = prop["type"] if isinstance(prop["type"], list) else [prop["type"]]
+        kind = [t for t in types if t != "null"][0]
+        want = "a number in 0..1" if fraction else _TRAIN_TYPES.get(kind, "true or false")
+        return f"{value!r} is not {want}; fix its value"
+    if fraction:
+        return f"{value!r} is out of range; use a value in 0..1"
+    bound = {"minimum": ">=", "exclusiveMinimum": ">"}[validator]
+    return f"{value!r} is out of range; use a value {bound} {prop[validator]}"
+
+
+def _check_pretrain(cfg: dict, name: str) -> None:
+    """A toy base model's train block (``models.<name>.train``), at its pretrained length."""
+    where = f"models.{name}.train"
+    s = check_train(cfg["models"][name]["train"], where, "pretrain", cfg["corpora"])
+    _check_needle_room(s, where, cfg["models"][name]["pretrained_length"])
+
+
+def _check_continual(cfg: dict, label: str, model: str) -> None:
+    """A trained checkpoint's train block (``methods.<label>.checkpoints.<model>.train``)."""
+    entry = cfg["methods"][label]
+    where = f"methods.{label}.checkpoints.{model}.train"
+    s = check_train(entry["checkpoints"][model]["train"], where, "continual", cfg["corpora"])
+    if entry.get("cpt_length") is None:
+        raise ConfigError(
+            f"methods.{label}.cpt_length: required with a trained checkpoint; "
+            "set the continual-pretraining length (e.g. cpt_length: 1024)"
+        )
+    _check_apply(label, entry)
+    _check_needle_room(s, where, entry["cpt_length"])
+
+
+def _check_needle_room(s: dict, where: str, length: int) -> None:
+    """Needle rows need a training length that holds a needle prompt (the zoo's byte tokenizer:
+    the default template's sentence, question and answer, in bytes)."""
+    from ropelens.needle import DEFAULT_TEMPLATE as t
+
+    text = " " + t.needle.format(answer="9" * t.digits) + "\n" + t.question
+    need = len(text.encode()) + len((t.answer_prefix + "9" * t.digits).encode()) + 8
+    if s["needle_fraction"] > 0 and length < need:
+        raise ConfigError(
+            f"{where}.needle_fraction: training length {length} is too short for needle prompts "
+            f"(>= {need} tokens); set needle_fraction: 0 or train longer"
+        )
+
+
+def _check_apply(label: str, entry: dict) -> None:
+    """A trained checkpoint saves the method's RoPE; re-applying it must change nothing."""
+    name = entry.get("method", label)
+    if entry.get("apply", True) and not idempotent(name, method_params(entry), f"methods.{label}"):
+        raise ConfigError(
+            f"methods.{label}.apply: a continually-pretrained '{name}' checkpoint already carries "
+            f"its scaled RoPE and applying '{name}' again at evaluation would scale it twice; "
+            "set apply: false"
+        )
+
+
+def idempotent(name: str, params: dict, where: str = "method") -> bool:
+    """True if applying method ``name`` to a model that already has it changes nothing.
+
+    A continually-pretrained checkpoint is saved with the method's RoPE; evaluation re-applies the
+    method on top, reading theta from the saved config. PI, YaRN, dynamic NTK and Llama 3 keep
+    theta and are idempotent; NTK-aware scales theta and is not.
+    """
+    base = registry.BaseRope(theta=10000.0, head_dim=64, pretrained_length=4096)
+    once = registry.resolve(name, params, base, where=where)
+    theta = once.rope_parameters.get("rope_theta", base.theta)
+    again = registry.resolve(
+        name, params, registry.BaseRope(theta, base.head_dim, base.pretrained_length), where=where
+    )
+    return once == again
 
 
 # --- synthetic tasks (issue 18): ``tasks:`` -------------------------------------------------------

@@ -181,12 +181,44 @@ def make_tiny(
     seed: int = 0,
 ):
     """Write a randomly initialised LLaMA + byte tokenizer as a normal HF directory."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from ropelens.tokenizer import build_byte_tokenizer
 
     tok = build_byte_tokenizer()
+    model = tiny_llama(
+        tok,
+        pretrained_length,
+        hidden_size=hidden_size,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        intermediate_size=intermediate_size,
+        rope_theta=rope_theta,
+        seed=seed,
+    )
+    with atomic_path(out_dir, folder=True) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def tiny_llama(
+    tok,
+    pretrained_length: int,
+    hidden_size: int,
+    layers: int,
+    heads: int,
+    kv_heads: int | None = None,
+    intermediate_size: int | None = None,
+    rope_theta: float = 10000.0,
+    tie_embeddings: bool = False,
+    init_std: float = 0.02,
+    seed: int = 0,
+):
+    """A freshly initialised LLaMA with plain RoPE over the byte tokenizer ``tok``, seeded: the one
+    LLaMA config of ``make-tiny`` and the toy zoo (:mod:`ropelens.toytrain`)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     config = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=hidden_size,
@@ -199,11 +231,8 @@ def make_tiny(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=bool(tie_embeddings),
+        initializer_range=float(init_std),
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    with atomic_path(out_dir, folder=True) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    return Path(out_dir)
+    return LlamaForCausalLM(config)

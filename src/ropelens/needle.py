@@ -24,7 +24,8 @@ landed. The answer is a random number drawn from ``seed``; :func:`cell_seed` der
 
 :func:`run` generates greedily after the prompt and :func:`score` grades the continuation: ``exact``
 (the first number in the continuation is the answer) and a graded recall ``score`` in [0, 1].
-The toy zoo trains on these prompts (``ropelens.toy``), so the template here is the task it learns.
+The toy zoo trains on these prompts (``ropelens.toydata``), so the template here is the task it
+learns.
 """
 
 from __future__ import annotations
