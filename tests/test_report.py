@@ -387,15 +387,21 @@ class Browser:
         r = self.send("Runtime.evaluate", expression=expression, returnByValue=True)
         return r["result"].get("value")
 
-    def open(self, url: str, scripts: bool = True) -> None:
+    def open(self, url: str, scripts: bool = True, ready: str | None = None) -> None:
+        """Load ``url`` and wait until the report's charts are done (``ready``: until this
+        expression is true instead)."""
         for domain in ("Runtime", "Log", "Page"):
             self.send(f"{domain}.enable")
         if not scripts:
             self.send("Emulation.setScriptExecutionDisabled", value=True)
         self.send("Page.navigate", url=url)
         deadline = time.monotonic() + 120
-        ready = "document.body.getAttribute('data-charts')" if scripts else "document.readyState"
-        want = "done" if scripts else "complete"
+        if ready is None and scripts:
+            ready, want = "document.body.getAttribute('data-charts')", "done"
+        elif ready is None:
+            ready, want = "document.readyState", "complete"
+        else:
+            ready, want = f"Boolean({ready})", True
         while self.eval(f"document.body && {ready}") != want:
             assert time.monotonic() < deadline, "page never finished rendering its charts"
             time.sleep(0.2)
@@ -478,6 +484,31 @@ def test_png_fallbacks_show_without_javascript(aggregates, browser):
     got = json.loads(browser.eval(COUNTS))
     assert got["svgs"] == 0
     assert got["visiblePngs"] == ["needle_m", "ppl", "static_only"]
+
+
+def test_a_chart_page_draws_on_its_own(aggregates, browser):
+    """A chart's own HTML (results/figures/X.html) is self-contained: it draws without the
+    report, from the cached Vega-Embed bundle."""
+    lines = "document.querySelectorAll('#vis svg.marks g.mark-line path').length"
+    browser.open((aggregates["root"] / "results/figures/ppl.html").as_uri(), ready=lines)
+    assert browser.errors() == [], json.dumps(browser.errors())[:3000]
+    assert browser.eval(lines) > 0
+
+
+def test_the_vega_bundle_is_built_once_then_read(tmp_path, monkeypatch):
+    import vl_convert as vlc
+
+    built = []
+    real = vlc.javascript_bundle
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(vlc, "javascript_bundle", lambda **kw: built.append(kw) or real(**kw))
+    first = charts.vega_bundle("6.4")
+    second = charts.vega_bundle("6.4")
+    assert built == [{"vl_version": "6.4"}] and first == second
+    assert "</script" not in first.lower() and "vegaEmbed" in first
+    assert [p.name for p in (tmp_path / "ropelens").iterdir()] == [
+        f"vega-embed-vlc{vlc.__version__}-vl6.4.js"
+    ]
 
 
 # --- the results as one dataset ----------------------------------------------------------------

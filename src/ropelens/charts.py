@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import re
 from pathlib import Path
 
 MAX_FAINT_LINES = 256
@@ -60,12 +64,65 @@ def save(chart, html: str | Path, png: str | Path | None = None, scale: float = 
     """
     from ropelens.atomic import atomic_path, write_text
 
-    with atomic_path(html) as tmp:
-        chart.save(str(tmp), format="html", inline=True)
+    spec = chart.to_dict()
+    write_text(html, _page(spec))
     write_text(Path(html).with_suffix(".vl.json"), chart.to_json(indent=None))
     if png is not None:
         with atomic_path(png) as tmp:
             chart.save(str(tmp), format="png", scale_factor=scale)
+
+
+def _page(spec: dict) -> str:
+    """A self-contained HTML page that draws ``spec`` with the inlined Vega-Embed bundle."""
+    data = _no_close_script(json.dumps(spec))
+    return (
+        '<!DOCTYPE html>\n<html>\n<head>\n<meta charset="UTF-8">\n'
+        f"<script>{vega_bundle(vegalite_version([spec]))}</script>\n</head>\n<body>\n"
+        '<div class="vega-visualization" id="vis"></div>\n'
+        f'<script>vegaEmbed(\'#vis\', {data}, {{"mode": "vega-lite"}})'
+        ".catch(console.error);</script>\n</body>\n</html>\n"
+    )
+
+
+def vegalite_version(specs: list[dict]) -> str | None:
+    """The Vega-Lite version (``"6.4"``) the specs' ``$schema`` names, if vl-convert has it."""
+    import vl_convert as vlc
+
+    known = vlc.get_vegalite_versions()
+    for spec in specs:
+        m = re.search(r"/v(\d+)\.(\d+)", str(spec.get("$schema", "")))
+        if m and f"{m.group(1)}.{m.group(2)}" in known:
+            return f"{m.group(1)}.{m.group(2)}"
+    return None
+
+
+def vega_bundle(vl_version: str | None) -> str:
+    """vl-convert's Vega-Embed JavaScript bundle (Vega, Vega-Lite ``vl_version``), safe inside a
+    ``<script>`` element. Building it takes vl-convert seconds of CPU in every process (each
+    aggregate job draws charts), so it is kept in ``$XDG_CACHE_HOME/ropelens`` (default
+    ``~/.cache/ropelens``) under the vl-convert version and ``vl_version``: the bundle is a pure
+    function of the two. An unwritable cache only costs the rebuild."""
+    import vl_convert as vlc
+
+    from ropelens.atomic import write_text
+
+    version = getattr(vlc, "__version__", None)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ropelens"
+    path = cache / f"vega-embed-vlc{version}-vl{vl_version or 'default'}.js"
+    if version:
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            pass
+    js = _no_close_script(vlc.javascript_bundle(vl_version=vl_version))
+    if version:
+        with contextlib.suppress(OSError):
+            write_text(path, js)
+    return js
+
+
+def _no_close_script(text: str) -> str:
+    return re.sub(r"</(script)", r"<\\/\1", text, flags=re.IGNORECASE)
 
 
 def attention_chart(df, model: str, lengths: list[int], coordinates: str = "position"):

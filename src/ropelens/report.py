@@ -500,22 +500,10 @@ def asset(name: str) -> str:
     return (files("ropelens") / "assets" / name).read_text(encoding="utf-8")
 
 
-def _vegalite_version(specs: list[dict]) -> str | None:
-    import vl_convert as vlc
-
-    known = vlc.get_vegalite_versions()
-    for spec in specs:
-        m = re.search(r"/v(\d+)\.(\d+)", str(spec.get("$schema", "")))
-        if m and f"{m.group(1)}.{m.group(2)}" in known:
-            return f"{m.group(1)}.{m.group(2)}"
-    return None
-
-
 def _bundle(specs: list[dict]) -> str:
-    import vl_convert as vlc
+    from ropelens import charts
 
-    js = vlc.javascript_bundle(vl_version=_vegalite_version(specs))
-    return re.sub(r"</(script)", r"<\\/\1", js, flags=re.IGNORECASE)
+    return charts.vega_bundle(charts.vegalite_version(specs))
 
 
 def render(
