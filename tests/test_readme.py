@@ -56,6 +56,8 @@ HOW = {
     ),
     "HF_HUB_OFFLINE=1 snakemake -n --configfile configs/smollm2.yaml"
     " configs/methods-smollm2.yaml": "run",
+    "HF_HUB_OFFLINE=1 snakemake --cores 2 --configfile configs/smollm2.yaml"
+    " configs/methods-smollm2.yaml": "dry",
     "python bench/smollm2.py --cores 2 --workdir /tmp/bench_smollm2"
     " --out bench/results/smollm2.md": "flags",
 }
