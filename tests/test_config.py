@@ -52,15 +52,35 @@ def test_defaults_are_filled():
     assert rlconfig.cell_settings(cfg, "needle")["placement"] == "gkamradt"
 
 
-OVERLAYS = {"tasks.yaml": "config.yaml", "tasks-smollm2.yaml": "configs/smollm2.yaml"}
+# configs given after the config they extend (`--configfile BASE OVERLAY`)
+OVERLAYS = {
+    "tasks.yaml": "config.yaml",
+    "tasks-smollm2.yaml": "configs/smollm2.yaml",
+    "methods-smollm2.yaml": "configs/smollm2.yaml",
+}
+
+
+def merged(base: dict, overlay: dict) -> dict:
+    """``overlay`` over ``base`` as Snakemake merges config files: mappings key by key."""
+    out = dict(base)
+    for key, value in overlay.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merged(out[key], value) if both else value
+    return out
 
 
 def test_repo_configs_are_valid():
     for path in [REPO / "config.yaml", *sorted((REPO / "configs").glob("*.yaml"))]:
         cfg = yaml.safe_load(path.read_text())
-        if path.name in OVERLAYS:  # a `tasks:` block given after the config it extends
-            cfg = {**yaml.safe_load((REPO / OVERLAYS[path.name]).read_text()), **cfg}
+        if path.name in OVERLAYS:
+            cfg = merged(yaml.safe_load((REPO / OVERLAYS[path.name]).read_text()), cfg)
         rlconfig.prepare(cfg, REPO)
+
+
+def test_the_methods_overlay_adds_to_smollm2s_methods():
+    base = yaml.safe_load((REPO / "configs/smollm2.yaml").read_text())
+    cfg = merged(base, yaml.safe_load((REPO / "configs/methods-smollm2.yaml").read_text()))
+    assert set(base["methods"]) < set(cfg["methods"]) and len(cfg["methods"]) == 12
 
 
 @pytest.mark.parametrize(
