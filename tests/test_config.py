@@ -61,11 +61,14 @@ OVERLAYS = {
 
 
 def merged(base: dict, overlay: dict) -> dict:
-    """``overlay`` over ``base`` as Snakemake merges config files: mappings key by key."""
-    out = dict(base)
-    for key, value in overlay.items():
-        both = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = merged(out[key], value) if both else value
+    """``overlay`` over ``base`` as Snakemake merges config files (its own update_config, which
+    rules/common.smk uses too: mappings key by key)."""
+    import copy
+
+    from snakemake.utils import update_config
+
+    out = copy.deepcopy(base)
+    update_config(out, overlay)
     return out
 
 

@@ -64,9 +64,9 @@ def save(chart, html: str | Path, png: str | Path | None = None, scale: float = 
     """
     from ropelens.atomic import atomic_path, write_text
 
-    spec = chart.to_dict()
+    spec = chart.to_dict()  # once: serialising a chart with its data is the costly part
     write_text(html, _page(spec))
-    write_text(Path(html).with_suffix(".vl.json"), chart.to_json(indent=None))
+    write_text(Path(html).with_suffix(".vl.json"), json.dumps(spec, sort_keys=True))  # = to_json
     if png is not None:
         with atomic_path(png) as tmp:
             chart.save(str(tmp), format="png", scale_factor=scale)
