@@ -59,13 +59,14 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def run_snakemake(workdir: Path, configfile: Path, cores: int, targets, log: Path) -> float:
+def run_snakemake(workdir: Path, configfile, cores: int, targets, log: Path) -> float:
+    files = [configfile] if isinstance(configfile, (str, Path)) else list(configfile)
     cmd = [
         snakemake_bin(),
         "-s",
         str(REPO / "Snakefile"),
         "--configfile",
-        str(configfile),
+        *map(str, files),
         "--directory",
         str(workdir),
         "--cores",
@@ -159,6 +160,102 @@ def needle_check(cfg, workdir: Path, model: str, seeds: int) -> list[dict]:
     return rows
 
 
+def task_check(cfg, workdir: Path, model: str, seeds: int) -> list[dict]:
+    """Base model at L0: every task's cell prompts (the overlay's seeds) plus ``seeds`` more."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from ropelens import config, grid, models, taskcells, tasks
+
+    torch.set_num_threads(cfg["runtime"]["threads"])
+    spec = config.cell_spec(cfg, model, "rope")
+    spec["source"] = {"path": str(workdir / spec["source"]["path"])}
+    loaded = models.load(spec)
+    l0 = cfg["models"][model]["pretrained_length"]
+    rows = []
+    for task in grid.enabled_tasks(cfg):
+        entry, settings = grid.task_entry(cfg, task), grid.task_settings(cfg, task)
+        haystack = None
+        if entry["haystack"] != tasks.FILLER:
+            corpus = workdir / f"results/data/corpora/{entry['haystack']}.parquet"
+            haystack = pq.read_table(corpus).column("text").to_pylist()
+        for depth in entry["depths"]:
+            results = [
+                taskcells.run_cell(
+                    loaded.model,
+                    loaded.tokenizer,
+                    task,
+                    haystack,
+                    l0,
+                    depth,
+                    {**settings, "seed": settings.get("seed", 0) + k},
+                )
+                for k in range(seeds + 1)
+            ]
+            first = [r for r in results if r["status"][0] == "ok"]
+            rows.append(
+                {
+                    "task": task,
+                    "depth": depth,
+                    "cell_passed": bool(results[0]["passed"][0]),
+                    "cell_generated": results[0]["generated"][0],
+                    "rate": sum(bool(r["passed"][0]) for r in first) / max(1, len(first)),
+                    "prompts": len(first),
+                }
+            )
+    return rows
+
+
+def task_figures(workdir: Path, model: str) -> list[str]:
+    """Issue 18's figures from the task tables: pass rates, entropy vs failure, distractors."""
+    import pandas as pd
+
+    from ropelens.retrieval import ALL_METHODS
+
+    t = workdir / "results/tables"
+    passes = pd.read_parquet(t / "tasks.parquet")
+    entropy = pd.read_parquet(t / "tasks_entropy.parquet")
+    dis = pd.read_parquet(t / "tasks_distractors.parquet")
+    passes, entropy = passes[passes.model == model], entropy[entropy.model == model]
+    lengths = sorted(passes.length.unique())
+    lines = ["Pass rate per task × method × length (cells):", ""]
+    lines += ["| task | method | " + " | ".join(map(str, lengths)) + " |"]
+    lines += ["|---|---|" + "---:|" * len(lengths)]
+    for (task, method), g in passes.groupby(["task", "method"], sort=False):
+        rate = {int(r.length): f"{r.pass_rate:.0%} ({r.cells})" for r in g.itertuples()}
+        lines.append(
+            f"| {task} | {method} | " + " | ".join(rate.get(n, "—") for n in lengths) + " |"
+        )
+    lines += ["", "Entropy against failure, all methods pooled, per task:", ""]
+    lines += [
+        "| task | cells | pass rate | entropy passed | entropy failed | AUROC pooled | "
+        "AUROC within length | AUROC length alone |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in entropy[entropy.method == ALL_METHODS].itertuples():
+        lines.append(
+            f"| {r.task} | {r.cells} | {r.pass_rate:.0%} | {r.entropy_passed:.3f} | "
+            f"{r.entropy_failed:.3f} | {r.auroc_entropy_failure:.3f} | "
+            f"{r.auroc_within_length:.3f} | {r.auroc_length_failure:.3f} |"
+        )
+    lines += ["", "Multi-key: attention mass of the answering queries, passed vs failed cells:", ""]
+    lines += [
+        "| method | cells | failures | needle mass passed / failed | distractor mass passed / "
+        "failed | distractor share passed / failed | AUROC distractor mass (within length) | "
+        "failures answering a distractor |",
+        "|---|---:|---:|---|---|---|---|---:|",
+    ]
+    for r in dis[dis.model == model].itertuples():
+        lines.append(
+            f"| {r.method} | {r.cells} | {r.failures} | {r.needle_mass_passed:.3f} / "
+            f"{r.needle_mass_failed:.3f} | {r.distractor_mass_passed:.3f} / "
+            f"{r.distractor_mass_failed:.3f} | {r.distractor_share_passed:.3f} / "
+            f"{r.distractor_share_failed:.3f} | {r.auroc_distractor_failure:.3f} "
+            f"({r.auroc_distractor_within_length:.3f}) | {r.failures_answering_a_distractor:.0%} |"
+        )
+    return lines
+
+
 def needle_entropy_checks(workdir: Path, model: str, l0: int) -> list[tuple]:
     """Issue 5's figures from the workflow's own needle tables (results/tables/needle*.parquet)."""
     import pandas as pd
@@ -219,6 +316,11 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=9, help="extra needle answers per (length, depth)")
     p.add_argument("--out", default=str(REPO / "bench/results/toy_zoo.md"))
     p.add_argument(
+        "--tasks",
+        help="a tasks overlay (e.g. configs/tasks.yaml): after the default run, run it too (timed "
+        "apart) and report the base's tasks at L0 and the task tables",
+    )
+    p.add_argument(
         "--figures-only",
         action="store_true",
         help="measure the figures of a finished run in --workdir; its wall times are read from "
@@ -250,6 +352,15 @@ def main(argv=None) -> int:
         full_s = None
         if not args.zoo_only:
             full_s = run_snakemake(workdir, configfile, args.cores, [], log)
+    tasks_s = None
+    if args.tasks and full_s is not None:
+        overlay = Path(args.tasks).resolve()
+        tasks_s = run_snakemake(workdir, [configfile, overlay], args.cores, [], log)
+        from snakemake.utils import update_config  # Snakemake's own merge of config files
+
+        merged = config.load_yaml(configfile)
+        update_config(merged, config.load_yaml(overlay))
+        cfg_tasks = config.prepare(merged, configfile.parent)
 
     trained = []
     for label, role, d in targets:
@@ -321,6 +432,22 @@ def main(argv=None) -> int:
 
     if full_s is not None:
         checks += needle_entropy_checks(workdir, model, l0)
+    task_rows = []
+    if tasks_s is not None:
+        task_rows = task_check(cfg_tasks, workdir, model, args.seeds)
+        for task in ("passkey", "multi_key"):
+            mine = [r for r in task_rows if r["task"] == task]
+            cells = sum(r["cell_passed"] for r in mine) / len(mine)
+            rate = sum(r["rate"] * r["prompts"] for r in mine) / sum(r["prompts"] for r in mine)
+            checks.append(
+                (
+                    f"base: {task} solved at L0 ({len(mine)} depths)",
+                    f"{cells:.0%} of cells; {rate:.1%} of {sum(r['prompts'] for r in mine)} "
+                    "prompts",
+                    ">= 90 % of prompts",
+                    rate >= 0.9,
+                )
+            )
 
     # --- report -------------------------------------------------------------------------------
     command = "python bench/toy_zoo.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
@@ -346,6 +473,14 @@ def main(argv=None) -> int:
         lines.append(
             f"| the rest of the default workflow (cells, reports) | {full_s:.0f} | "
             f"{full_s / 60:.1f} |"
+        )
+        lines.append(
+            f"| **the default run** | **{zoo_s + full_s:.0f}** | **{(zoo_s + full_s) / 60:.1f}** |"
+        )
+    if tasks_s is not None:
+        lines.append(
+            f"| then the tasks overlay `{args.tasks}` (its cells, report) | {tasks_s:.0f} | "
+            f"{tasks_s / 60:.1f} |"
         )
     lines += [
         "",
@@ -397,6 +532,21 @@ def main(argv=None) -> int:
             f"| {r['length']} | {r['depth']:g} | {'yes' if r['cell_passed'] else 'no'} | "
             f"`{r['cell_generated']!r}` | {r['rate']:.0%} | {r['score']:.2f} |"
         )
+    if task_rows:
+        lines += [
+            "",
+            f"Tasks, base model (rope) at L0: the cell's prompt and the pass rate over it and "
+            f"{args.seeds} more (seeds seed+1 …):",
+            "",
+            "| task | depth | cell passed | cell output | pass rate |",
+            "|---|---:|---|---|---:|",
+        ]
+        for r in task_rows:
+            lines.append(
+                f"| {r['task']} | {r['depth']:g} | {'yes' if r['cell_passed'] else 'no'} | "
+                f"`{r['cell_generated']!r}` | {r['rate']:.0%} of {r['prompts']} |"
+            )
+        lines += ["", *task_figures(workdir, model)]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

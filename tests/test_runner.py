@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ropelens import config as rlconfig
+from ropelens import grid as rlgrid
 from ropelens import runner_client
 
 from . import archs
@@ -43,6 +44,7 @@ METHODS = {
     "llama3": {"factor": 4},
 }
 LONG, SHORT = 512, 256  # both above the model's pretrained 128: dynamic NTK scales at each
+TASK = "multi_key"  # the task cells compared: the needle's decoding plus distractor spans
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +76,12 @@ def inputs(tmp_path_factory):
     ]
     text = ". ".join(" ".join(rng.choice(words) for _ in range(9)) for _ in range(400)) + "."
     pq.write_table(pa.table({"doc_id": ["h0"], "text": [text]}), root / "haystack.parquet")
-    cfg = rlconfig.validate(MICRO)
+    cfg = rlconfig.validate({**MICRO, "tasks": {"lengths": [SHORT], TASK: {"distractors": 2}}})
     settings = {
         "ppl": cfg["ppl"],
         "attention": rlconfig.cell_settings(cfg, "attention"),
         "needle": rlconfig.cell_settings(cfg, "needle"),
+        "task": rlgrid.task_settings(cfg, TASK),
     }
     return {"root": root, "model": model, "pretrained": pretrained, "settings": settings}
 
@@ -99,8 +102,9 @@ def argv(inputs, kind: str, method: str, length: int, out, tokens="tokens.parque
     root = inputs["root"]
     args = [kind, "--spec", json.dumps(spec(inputs, method))]
     args += ["--settings", json.dumps(inputs["settings"][kind]), "--length", str(length)]
-    if kind == "needle":
+    if kind in ("needle", "task"):
         args += ["--haystack", str(root / "haystack.parquet"), "--depth", "50"]
+        args += ["--task", TASK] if kind == "task" else []
     else:
         args += ["--tokens", str(root / tokens)]
     return [*args, "--threads", str(threads), "--out", str(out)]
@@ -179,7 +183,7 @@ def test_warm_cells_equal_cold_ones(inputs, tmp_path):
     warm.mkdir()
     cold.mkdir()
     order = [("ppl", m, n) for m in METHODS for n in (LONG, SHORT)]
-    order += [(k, "dynamic-ntk", n) for k in ("attention", "needle") for n in (LONG, SHORT)]
+    order += [(k, "dynamic-ntk", n) for k in ("attention", "needle", "task") for n in (LONG, SHORT)]
     try:
         for kind, method, length in order:
             out = warm / f"{kind}-{method}-{length}.parquet"

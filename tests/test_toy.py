@@ -113,6 +113,17 @@ C = "methods/pi-cpt/checkpoints/toy/train/"
         ({C + "steps": None}, r"^methods\.pi-cpt\.checkpoints\.toy\.train\.steps: required"),
         ({"methods/pi-cpt/cpt_length": None}, r"^methods\.pi-cpt\.cpt_length: required"),
         ({"methods/ntk-cpt/apply": None}, r"^methods\.ntk-cpt\.apply: .* set apply: false$"),
+        ({T + "task_mix": {"pass_key": 1}}, r"^models\.toy\.train\.task_mix: 'pass_key' is not a"),
+        ({T + "task_mix": {"needle": -1}}, r"task_mix: needle: -1 is not a weight >= 0; fix"),
+        ({T + "task_mix": {"needle": 0}}, r"task_mix: needs a finite weight > 0 for at least one"),
+        ({T + "task_mix": {}}, r"^models\.toy\.train\.task_mix: is empty; give at least one"),
+        ({T + "task_mix": 1}, r"task_mix: 1 is not a mapping of task -> weight"),
+        ({T + "task_mix_from": -1}, r"task_mix_from: -1 is out of range; use a value >= 0"),
+        (
+            {T + "task_mix": {"multi_key": 1}, "models/toy/pretrained_length": 128},
+            r"^models\.toy\.train\.task_mix\.multi_key: training length 128 is too short for "
+            r"its prompts \(>= 152",
+        ),
     ],
 )
 def test_bad_settings_are_one_line(overrides, message):
@@ -212,6 +223,85 @@ def test_training_batches(data):
         for t in range(1, 256):
             expect = 0 if x[r, t - 1] == eos else pos[r, t - 1] + 1
             assert pos[r, t] == expect
+
+
+MIX = {"needle": 1, "passkey": 1, "multi_key": 1, "multi_value": 1, "variable_tracking": 1}
+
+
+def answered(tok, x, mask) -> list[tuple[str, str]]:
+    """(answer text, the segment before it) for every masked run of a row but one cut off at
+    its end."""
+    row, m = x.tolist(), mask.tolist() + [0]
+    out, start = [], None
+    for t, bit in enumerate(m):
+        if bit and start is None:
+            start = t
+        elif not bit and start is not None and t < len(row):
+            seg = tok.decode(row[:start]).rsplit(tok.eos_token, 1)[-1]
+            out.append((tok.decode(row[start:t]), seg))
+            start = None
+    return out
+
+
+def test_task_mix_rows_answer_their_own_prompts(data):
+    """Every answer in a mixed task row is what its prompt planted: the pass key, the true key's
+    number (not a distractor's), all values of the key, the number the chain starts from."""
+    import re
+
+    from ropelens.tokenizer import build_byte_tokenizer
+
+    tok = build_byte_tokenizer()
+    texts, _ = toydata.read_texts(data / "code.parquet")
+    hay, _ = toydata.read_texts(data / "prose.parquet")
+    s = config.train_defaults({**TINY, "batch_size": 8, "task_mix": MIX}, "pretrain")
+    batches = toydata.Batches(tok, 256, s, texts, hay)
+    seen = set()
+    for _ in range(12):
+        x, mask, _ = batches()
+        for r in range(len(x)):
+            for answer, seg in answered(tok, x[r], mask[r]):
+                numbers = re.findall(r"\d+", answer)
+                if not numbers:
+                    continue  # a needle's answer asked again after its line break
+                if "pass key is" in seg:
+                    seen.add("passkey")
+                    assert f"The pass key is {numbers[0]}. Remember it." in seg
+                elif "magic numbers of" in seg:
+                    seen.add("multi_value")
+                    key = re.search(r"magic numbers of (\w+) are$", seg).group(1)
+                    planted = re.findall(rf"One magic number of {key} is (\d+)\.", seg)
+                    assert sorted(numbers) == sorted(planted) and len(planted) >= 2
+                elif "magic number of" in seg:
+                    seen.add("multi_key")
+                    key = re.search(r"magic number of (\w+) is$", seg).group(1)
+                    assert re.findall(rf"The magic number of {key} is (\d+)\.", seg) == numbers
+                    assert len(re.findall(r"The magic number of \w+ is", seg)) >= 3  # + distractors
+                elif "VAR" in seg:
+                    seen.add("variable_tracking")
+                    var = re.search(r"value of VAR (\w+) is$", seg).group(1)
+                    chain = dict(re.findall(r"VAR (\w+) = (\w+)\.", seg))
+                    while not chain[var].isdigit():
+                        var = chain[var]
+                    assert chain[var] == numbers[0]
+                else:
+                    seen.add("needle")
+                    assert f"The magic number is {numbers[0]}." in seg
+    assert seen == set(MIX)
+
+
+def test_task_mix_starts_after_task_mix_from(data):
+    from ropelens.tokenizer import build_byte_tokenizer
+
+    tok = build_byte_tokenizer()
+    texts, _ = toydata.read_texts(data / "code.parquet")
+    hay, _ = toydata.read_texts(data / "prose.parquet")
+    mix = {"task_mix": {"passkey": 1}, "task_mix_from": 2, "batch_size": 4}
+    batches = toydata.Batches(
+        tok, 256, config.train_defaults({**TINY, **mix}, "pretrain"), texts, hay
+    )
+    text = [tok.decode(batches()[0][0].tolist()) for _ in range(3)]
+    assert ["pass key" in t for t in text] == [False, False, True]
+    assert "The magic number is" in text[0]
 
 
 # The tiny run pinned (issue 16): these numbers came from the old ropelens.toy before it was split

@@ -377,10 +377,16 @@ def _train_problems(settings: dict, role: str, corpora: dict | None) -> dict:
         if err.validator == "required":
             key = err.message.split("'")[1]
             out.setdefault(key, f"required; add it (e.g. {key}: {props[key]['examples'][0]})")
+        elif err.path and err.path[0] == "task_mix":
+            out.setdefault("task_mix", _mix_problem(err))
         elif err.path:
             out.setdefault(
                 err.path[0], _setting_problem(err.validator, err.instance, props[err.path[0]])
             )
+    mix = settings.get("task_mix")
+    weights = list(mix.values()) if isinstance(mix, dict) and "task_mix" not in out else [1]
+    if not any(w > 0 for w in weights) or not all(map(math.isfinite, weights)):
+        out["task_mix"] = "needs a finite weight > 0 for at least one task (e.g. needle: 1)"
     for key, value in settings.items():
         if isinstance(value, float) and not math.isfinite(value):
             out[key] = _setting_problem("type", value, props[key])
@@ -396,6 +402,18 @@ def _train_problems(settings: dict, role: str, corpora: dict | None) -> dict:
 
 def _known(name: str, corpora: dict | None) -> bool:
     return corpora is None or name in corpora
+
+
+def _mix_problem(err) -> str:
+    """What is wrong with ``task_mix`` (a mapping task -> weight) and the fix."""
+    tasks = ", ".join(err.schema["enum"]) if err.validator == "enum" else ""
+    if err.validator == "enum":
+        return f"{err.instance!r} is not a task; use {tasks}"
+    if len(err.path) > 1:
+        return f"{err.path[1]}: {err.instance!r} is not a weight >= 0; fix its value"
+    if err.validator == "minProperties":
+        return "is empty; give at least one task and its weight (e.g. needle: 1)"
+    return f"{err.instance!r} is not a mapping of task -> weight (e.g. {{needle: 1, passkey: 1}})"
 
 
 def _setting_problem(validator: str, value, prop: dict) -> str:
@@ -445,6 +463,25 @@ def _check_needle_room(s: dict, where: str, length: int) -> None:
             f"{where}.needle_fraction: training length {length} is too short for needle prompts "
             f"(>= {need} tokens); set needle_fraction: 0 or train longer"
         )
+    for task, weight in s["task_mix"].items():
+        need = _byte_task_length(task) + 8
+        if task != "needle" and weight > 0 and s["needle_fraction"] > 0 and length < need:
+            raise ConfigError(
+                f"{where}.task_mix.{task}: training length {length} is too short for its prompts "
+                f"(>= {need} tokens with the fewest planted sentences); remove it or train longer"
+            )
+
+
+def _byte_task_length(task: str) -> int:
+    """The longest shortest prompt of ``task`` over its keys, in the zoo's byte tokens."""
+    from ropelens import tasks
+    from ropelens.toydata import TRAIN_COUNTS
+
+    if task not in tasks.TASKS:
+        return 0
+    counts = {k: lo for k, (lo, _) in TRAIN_COUNTS.items()}
+    as_bytes = lambda text, add_special_tokens=False: {"input_ids": list(text.encode())}  # noqa: E731
+    return max(tasks.min_length(as_bytes, task, seed, counts=counts) for seed in range(32))
 
 
 def _check_apply(label: str, entry: dict) -> None:

@@ -249,7 +249,7 @@ def build(
     items, answers, distractors, key = plan(task, random.Random(seed), depth, tpl, counts or {})
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     prefix, question = _frame(tokenizer, tpl, key, fmt)
-    reserve = sum(len(enc(" " + text + "\n")) for *_, text in items)
+    reserve = _reserve(tokenizer, items)
     budget = length - len(prefix) - len(question) - reserve
     if budget < 0:
         raise DataError(
@@ -275,6 +275,24 @@ def build(
         seed=int(seed),
         distractor_answers=distractors,
     )
+
+
+def _reserve(tokenizer, items) -> int:
+    """Tokens the planted sentences take (each with its separating whitespace)."""
+    return sum(
+        len(tokenizer(" " + t + "\n", add_special_tokens=False)["input_ids"]) for *_, t in items
+    )
+
+
+def min_length(
+    tokenizer, task: str, seed: int, fmt: str = "plain", counts=None, overrides=None
+) -> int:
+    """The shortest ``length`` :func:`build` accepts for ``seed``: the frame, the question and
+    the planted sentences, without haystack (the depth does not change it)."""
+    tpl = template(task, overrides)
+    items, _, _, key = plan(task, random.Random(seed), 0.0, tpl, counts or {})
+    prefix, question = _frame(tokenizer, tpl, key, fmt)
+    return len(prefix) + len(question) + _reserve(tokenizer, items)
 
 
 def _assemble(tokenizer, hay, items, room: int):

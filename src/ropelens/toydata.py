@@ -4,10 +4,14 @@ The training mix (:class:`Batches`):
 
 - LM rows: documents of an LM corpus (e.g. the standard-library sources) in a seeded order, each
   ``<s> document </s>``, packed into windows of the training length (:class:`Packer`);
-- needle rows (``needle_fraction`` of each batch): Needle-in-a-Haystack tasks built by
-  :func:`ropelens.needle.build_prompt` (a random line of the haystack corpus on, random length and
-  depth), each followed by its answer (sometimes asked again); the answer mask marks the tokens
-  whose cross-entropy ``answer_weight`` adds to the LM loss.
+- task rows (``needle_fraction`` of each batch): retrieval tasks packed one after another, each
+  drawn by the weights of ``task_mix`` — ``needle`` (:func:`ropelens.needle.build_prompt`; its
+  answer sometimes asked again) or a task of :mod:`ropelens.tasks` (passkey in its filler,
+  multi-key, multi-value, variable tracking; numbers of planted sentences drawn from
+  :data:`TRAIN_COUNTS`) — on a random line of the haystack corpus on, at a random length and
+  depth, each followed by its answer; the answer mask marks the tokens whose cross-entropy
+  ``answer_weight`` adds to the LM loss. The prompts are those evaluation builds, with seeds of
+  the training's own.
 
 Position ids restart after every ``</s>`` (:func:`segment_positions`), so transformers masks
 packed segments from each other and every document and task starts at position 0, as in
@@ -21,6 +25,10 @@ import random
 from pathlib import Path
 
 from ropelens.errors import DataError
+
+NEEDLE = "needle"
+# per task prompt, each count uniform in [low, high]: distractors, values, hops
+TRAIN_COUNTS = {"distractors": (1, 3), "values": (2, 4), "hops": (2, 4)}
 
 
 def read_texts(path: str | Path) -> tuple[list[str], dict]:
@@ -86,6 +94,10 @@ class Batches:
         self.rng = random.Random(seed + 1)
         self.haystack = haystack or []
         self.tasks = 0
+        mix = {k: float(w) for k, w in settings.get("task_mix", {NEEDLE: 1}).items() if w > 0}
+        self.mix_names, self.mix_weights = list(mix), list(mix.values())
+        self.mix_from = settings.get("task_mix_from", 0)  # needle only for the first batches
+        self.batches = 0
         if self.haystack:
             self.min_prompt = needle.min_length(tokenizer)
             self.tail = tokenizer(".\n", add_special_tokens=False)["input_ids"]
@@ -96,6 +108,12 @@ class Batches:
                     f"training length {length} is too short for needle prompts "
                     f"(>= {self.min_prompt + 8} tokens); set needle_fraction: 0 or train longer"
                 )
+            for task in self.mix_names:
+                if task != NEEDLE and self._task_min(task, 0, low=True) + 8 > length:
+                    raise DataError(
+                        f"task_mix.{task}: training length {length} is too short for its prompts; "
+                        "remove it from task_mix or train longer"
+                    )
 
     def _haystack(self) -> list[str]:
         """Haystack documents from a random line of a random document on (no memorised starts)."""
@@ -112,28 +130,70 @@ class Batches:
         hi = min(room, lo + 48) if self.rng.random() < 0.5 else room
         return self.rng.randint(lo, max(lo, hi))
 
-    def needle_row(self) -> tuple[list[int], list[int]]:
-        """Needle tasks (prompt + answer + EOS) packed into one window, the rest LM text.
+    def _task_min(self, task: str, seed: int, counts=None, low=False) -> int:
+        from ropelens import tasks
 
-        Each task's needle is the most recent one when its question comes, as in evaluation.
-        """
+        if low:
+            counts = {k: lo for k, (lo, _) in TRAIN_COUNTS.items()}
+        return tasks.min_length(self.tok, task, seed, counts=counts)
+
+    def _depth(self) -> float:
+        """Uniform over -10..110 %, clipped: the ends (0 and 100 %) a twelfth each."""
+        return min(100.0, max(0.0, self.rng.uniform(-10.0, 110.0)))
+
+    def _needle_piece(self, room: int):
+        """(ids, mask) of one needle task (answer maybe asked again), or None if it cannot fit."""
         from ropelens import needle
 
+        rng = self.rng
+        if room < self.min_prompt + 8:
+            return None
+        n = self._needle_length(room - 1)
+        depth = self._depth()
+        prompt = needle.build_prompt(self.tok, self._haystack(), n, depth, rng.getrandbits(32))
+        ids = prompt.input_ids + prompt.target_ids + self.tail
+        mask = [0] * n + [1] * len(prompt.target_ids) + [0] * len(self.tail)
+        while rng.random() < 0.5:  # ask again: short-range copies speed up learning to copy
+            ids += self.question + prompt.target_ids + self.tail
+            mask += [0] * len(self.question) + [1] * len(prompt.target_ids) + [0] * len(self.tail)
+        return ids, mask
+
+    def _task_piece(self, task: str, room: int):
+        """(ids, mask) of one prompt of a :mod:`ropelens.tasks` task, or None if it cannot fit."""
+        from ropelens import tasks
+
+        rng = self.rng
+        counts = {k: rng.randint(lo, hi) for k, (lo, hi) in TRAIN_COUNTS.items()}
+        seed = rng.getrandbits(32)
+        lo = self._task_min(task, seed, counts) + 8
+        if room - 1 < lo:
+            return None
+        hi = min(room - 1, lo + 48) if rng.random() < 0.5 else room - 1
+        n, depth = rng.randint(lo, hi), self._depth()
+        hay = tasks.haystack_docs(None) if task == "passkey" else self._haystack()
+        prompt = tasks.build(self.tok, task, hay, n, depth, seed, counts=counts)
+        ids = prompt.input_ids + prompt.target_ids + self.tail
+        return ids, [0] * n + [1] * len(prompt.target_ids) + [0] * len(self.tail)
+
+    def needle_row(self) -> tuple[list[int], list[int]]:
+        """Tasks (prompt + answer + EOS) packed into one window, the rest LM text.
+
+        Each task's planted sentences are the most recent ones when its question comes, as in
+        evaluation. The task of each prompt is drawn by ``task_mix`` (no draw for one task).
+        """
         rng, eos = self.rng, self.tok.eos_token_id
         ids: list[int] = []
         mask: list[int] = []
-        while self.length - len(ids) >= self.min_prompt + 8:
-            n = self._needle_length(self.length - len(ids) - 1)
-            depth = min(100.0, max(0.0, rng.uniform(-10.0, 110.0)))
-            prompt = needle.build_prompt(self.tok, self._haystack(), n, depth, rng.getrandbits(32))
-            ids += prompt.input_ids + prompt.target_ids + self.tail
-            mask += [0] * n + [1] * len(prompt.target_ids) + [0] * len(self.tail)
-            while rng.random() < 0.5:  # ask again: short-range copies speed up learning to copy
-                ids += self.question + prompt.target_ids + self.tail
-                mask += [0] * len(self.question) + [1] * len(prompt.target_ids)
-                mask += [0] * len(self.tail)
-            ids.append(eos)
-            mask.append(0)
+        while True:
+            task = self.mix_names[0] if self.batches > self.mix_from else NEEDLE
+            if len(self.mix_names) > 1 and self.batches > self.mix_from:
+                task = rng.choices(self.mix_names, self.mix_weights)[0]
+            room = self.length - len(ids)
+            piece = self._needle_piece(room) if task == NEEDLE else self._task_piece(task, room)
+            if piece is None:
+                break
+            ids += piece[0] + [eos]
+            mask += piece[1] + [0]
             self.tasks += 1
         ids, mask = ids[: self.length], mask[: self.length]
         if len(ids) < self.length:
@@ -145,6 +205,7 @@ class Batches:
         """(input ids, answer mask, position ids), each ``batch_size × length``."""
         import torch
 
+        self.batches += 1
         rows, masks = [], []
         expected = self.fraction * self.batch  # needle rows: the whole part, the rest by chance
         n_needle = int(expected) + (self.rng.random() < expected - int(expected))
