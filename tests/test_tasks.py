@@ -85,6 +85,16 @@ def test_counts_and_kinds(tok):
     assert [s.start for s in p.spans] == sorted(s.start for s in p.spans)
 
 
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_min_length_is_the_shortest_accepted(tok, task):
+    counts = {"distractors": 2, "values": 3, "hops": 3}
+    for seed in range(4):
+        n = tasks.min_length(tok, task, seed, counts=counts)
+        assert len(tasks.build(tok, task, HAYSTACK, n, 50, seed, counts=counts).input_ids) == n
+        with pytest.raises(DataError, match=f"at least {n} tokens"):
+            tasks.build(tok, task, HAYSTACK, n - 1, 50, seed, counts=counts)
+
+
 def test_passkey_uses_the_filler(tok):
     p = build(tok, "passkey", 300, 40)
     text = tok.decode(p.input_ids)
