@@ -58,6 +58,8 @@ HOW = {
     " configs/methods-smollm2.yaml": "run",
     "HF_HUB_OFFLINE=1 snakemake --cores 2 --configfile configs/smollm2.yaml"
     " configs/methods-smollm2.yaml": "dry",
+    "HF_HUB_OFFLINE=1 snakemake --cores 2 --configfile configs/smollm2.yaml"
+    " configs/tasks-smollm2.yaml": "dry",
     "python bench/smollm2.py --cores 2 --workdir /tmp/bench_smollm2"
     " --out bench/results/smollm2.md": "flags",
 }
