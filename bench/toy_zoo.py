@@ -110,17 +110,25 @@ def zoo_targets(cfg) -> list[tuple[str, str, str]]:
     return out
 
 
-def needle_check(cfg, workdir: Path, model: str, seeds: int) -> list[dict]:
-    """Base model: the needle cells' prompts at every length <= L0, plus ``seeds`` more answers."""
-    import pyarrow.parquet as pq
+def load_base(cfg, workdir: Path, model: str):
+    """The trained base of ``model`` in ``workdir`` with plain RoPE, as its rope cells load it."""
     import torch
 
-    from ropelens import config, models, needle
+    from ropelens import config, models
 
     torch.set_num_threads(cfg["runtime"]["threads"])
     spec = config.cell_spec(cfg, model, "rope")
     spec["source"] = {"path": str(workdir / spec["source"]["path"])}
-    loaded = models.load(spec)
+    return models.load(spec)
+
+
+def needle_check(cfg, workdir: Path, model: str, seeds: int) -> list[dict]:
+    """Base model: the needle cells' prompts at every length <= L0, plus ``seeds`` more answers."""
+    import pyarrow.parquet as pq
+
+    from ropelens import config, needle
+
+    loaded = load_base(cfg, workdir, model)
     settings = config.cell_settings(cfg, "needle")
     template = needle.Template(**settings.get("template", {}))
     placement = settings.get("placement", needle.DEFAULT_PLACEMENT)
@@ -163,14 +171,10 @@ def needle_check(cfg, workdir: Path, model: str, seeds: int) -> list[dict]:
 def task_check(cfg, workdir: Path, model: str, seeds: int) -> list[dict]:
     """Base model at L0: every task's cell prompts (the overlay's seeds) plus ``seeds`` more."""
     import pyarrow.parquet as pq
-    import torch
 
-    from ropelens import config, grid, models, taskcells, tasks
+    from ropelens import grid, taskcells, tasks
 
-    torch.set_num_threads(cfg["runtime"]["threads"])
-    spec = config.cell_spec(cfg, model, "rope")
-    spec["source"] = {"path": str(workdir / spec["source"]["path"])}
-    loaded = models.load(spec)
+    loaded = load_base(cfg, workdir, model)
     l0 = cfg["models"][model]["pretrained_length"]
     rows = []
     for task in grid.enabled_tasks(cfg):
@@ -192,15 +196,15 @@ def task_check(cfg, workdir: Path, model: str, seeds: int) -> list[dict]:
                 )
                 for k in range(seeds + 1)
             ]
-            first = [r for r in results if r["status"][0] == "ok"]
+            ran = [r for r in results if r["status"][0] == "ok"]
             rows.append(
                 {
                     "task": task,
                     "depth": depth,
                     "cell_passed": bool(results[0]["passed"][0]),
                     "cell_generated": results[0]["generated"][0],
-                    "rate": sum(bool(r["passed"][0]) for r in first) / max(1, len(first)),
-                    "prompts": len(first),
+                    "rate": sum(bool(r["passed"][0]) for r in ran) / max(1, len(ran)),
+                    "prompts": len(ran),
                 }
             )
     return rows

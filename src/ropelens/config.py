@@ -383,9 +383,9 @@ def _train_problems(settings: dict, role: str, corpora: dict | None) -> dict:
             out.setdefault(
                 err.path[0], _setting_problem(err.validator, err.instance, props[err.path[0]])
             )
-    mix = settings.get("task_mix")
-    weights = list(mix.values()) if isinstance(mix, dict) and "task_mix" not in out else [1]
-    if not any(w > 0 for w in weights) or not all(map(math.isfinite, weights)):
+    # past the schema, task_mix is absent or a mapping of numbers >= 0
+    weights = [] if "task_mix" in out else list(settings.get("task_mix", {}).values())
+    if weights and not (any(w > 0 for w in weights) and all(map(math.isfinite, weights))):
         out["task_mix"] = "needs a finite weight > 0 for at least one task (e.g. needle: 1)"
     for key, value in settings.items():
         if isinstance(value, float) and not math.isfinite(value):
@@ -463,25 +463,25 @@ def _check_needle_room(s: dict, where: str, length: int) -> None:
             f"{where}.needle_fraction: training length {length} is too short for needle prompts "
             f"(>= {need} tokens); set needle_fraction: 0 or train longer"
         )
-    for task, weight in s["task_mix"].items():
+    trained = s["task_mix"] if s["needle_fraction"] > 0 else {}
+    for task in [name for name, w in trained.items() if name != "needle" and w > 0]:
         need = _byte_task_length(task) + 8
-        if task != "needle" and weight > 0 and s["needle_fraction"] > 0 and length < need:
+        if length < need:
             raise ConfigError(
                 f"{where}.task_mix.{task}: training length {length} is too short for its prompts "
                 f"(>= {need} tokens with the fewest planted sentences); remove it or train longer"
             )
 
 
+@cache
 def _byte_task_length(task: str) -> int:
-    """The longest shortest prompt of ``task`` over its keys, in the zoo's byte tokens."""
+    """The longest shortest prompt of ``task`` over its keys (32 seeds), in the zoo's byte
+    tokens, with the fewest planted sentences the zoo's training draws."""
     from ropelens import tasks
-    from ropelens.toydata import TRAIN_COUNTS
+    from ropelens.toydata import FEWEST
 
-    if task not in tasks.TASKS:
-        return 0
-    counts = {k: lo for k, (lo, _) in TRAIN_COUNTS.items()}
     as_bytes = lambda text, add_special_tokens=False: {"input_ids": list(text.encode())}  # noqa: E731
-    return max(tasks.min_length(as_bytes, task, seed, counts=counts) for seed in range(32))
+    return max(tasks.min_length(as_bytes, task, seed, counts=FEWEST) for seed in range(32))
 
 
 def _check_apply(label: str, entry: dict) -> None:

@@ -29,6 +29,7 @@ from ropelens.errors import DataError
 NEEDLE = "needle"
 # per task prompt, each count uniform in [low, high]: distractors, values, hops
 TRAIN_COUNTS = {"distractors": (1, 3), "values": (2, 4), "hops": (2, 4)}
+FEWEST = {k: lo for k, (lo, _) in TRAIN_COUNTS.items()}  # the shortest prompts of each task
 
 
 def read_texts(path: str | Path) -> tuple[list[str], dict]:
@@ -109,7 +110,7 @@ class Batches:
                     f"(>= {self.min_prompt + 8} tokens); set needle_fraction: 0 or train longer"
                 )
             for task in self.mix_names:
-                if task != NEEDLE and self._task_min(task, 0, low=True) + 8 > length:
+                if task != NEEDLE and self._task_min(task, 0, FEWEST) + 8 > length:
                     raise DataError(
                         f"task_mix.{task}: training length {length} is too short for its prompts; "
                         "remove it from task_mix or train longer"
@@ -124,18 +125,24 @@ class Batches:
         start = text.find("\n", cut) + 1
         return [text[start:]] + docs[j + 1 :] + docs[:j]
 
-    def _needle_length(self, room: int) -> int:
-        """Prompt length of the next packed needle task: half short, half up to ``room``."""
-        lo = self.min_prompt + 8
+    def _prompt_length(self, lo: int, room: int) -> int:
+        """Length of the next packed prompt, at least ``lo``: half short, half up to ``room``."""
         hi = min(room, lo + 48) if self.rng.random() < 0.5 else room
         return self.rng.randint(lo, max(lo, hi))
 
-    def _task_min(self, task: str, seed: int, counts=None, low=False) -> int:
+    def _task_min(self, task: str, seed: int, counts: dict) -> int:
         from ropelens import tasks
 
-        if low:
-            counts = {k: lo for k, (lo, _) in TRAIN_COUNTS.items()}
         return tasks.min_length(self.tok, task, seed, counts=counts)
+
+    def _next_task(self) -> str:
+        """The task of the next prompt: the needle until ``task_mix_from``, then drawn by the
+        mix's weights (no draw for a mix of one)."""
+        if self.batches <= self.mix_from:
+            return NEEDLE
+        if len(self.mix_names) == 1:
+            return self.mix_names[0]
+        return self.rng.choices(self.mix_names, self.mix_weights)[0]
 
     def _depth(self) -> float:
         """Uniform over -10..110 %, clipped: the ends (0 and 100 %) a twelfth each."""
@@ -148,7 +155,7 @@ class Batches:
         rng = self.rng
         if room < self.min_prompt + 8:
             return None
-        n = self._needle_length(room - 1)
+        n = self._prompt_length(self.min_prompt + 8, room - 1)
         depth = self._depth()
         prompt = needle.build_prompt(self.tok, self._haystack(), n, depth, rng.getrandbits(32))
         ids = prompt.input_ids + prompt.target_ids + self.tail
@@ -168,8 +175,7 @@ class Batches:
         lo = self._task_min(task, seed, counts) + 8
         if room - 1 < lo:
             return None
-        hi = min(room - 1, lo + 48) if rng.random() < 0.5 else room - 1
-        n, depth = rng.randint(lo, hi), self._depth()
+        n, depth = self._prompt_length(lo, room - 1), self._depth()
         hay = tasks.haystack_docs(None) if task == "passkey" else self._haystack()
         prompt = tasks.build(self.tok, task, hay, n, depth, seed, counts=counts)
         ids = prompt.input_ids + prompt.target_ids + self.tail
@@ -181,13 +187,11 @@ class Batches:
         Each task's planted sentences are the most recent ones when its question comes, as in
         evaluation. The task of each prompt is drawn by ``task_mix`` (no draw for one task).
         """
-        rng, eos = self.rng, self.tok.eos_token_id
+        eos = self.tok.eos_token_id
         ids: list[int] = []
         mask: list[int] = []
         while True:
-            task = self.mix_names[0] if self.batches > self.mix_from else NEEDLE
-            if len(self.mix_names) > 1 and self.batches > self.mix_from:
-                task = rng.choices(self.mix_names, self.mix_weights)[0]
+            task = self._next_task()
             room = self.length - len(ids)
             piece = self._needle_piece(room) if task == NEEDLE else self._task_piece(task, room)
             if piece is None:
