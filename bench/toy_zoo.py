@@ -205,9 +205,27 @@ def task_check(cfg, workdir: Path, model: str, seeds: int) -> list[dict]:
                     "cell_generated": results[0]["generated"][0],
                     "rate": sum(bool(r["passed"][0]) for r in ran) / max(1, len(ran)),
                     "prompts": len(ran),
+                    "failed_like": failed_like([r for r in ran if not r["passed"][0]]),
                 }
             )
     return rows
+
+
+def failed_like(failed) -> str:
+    """Multi-key failures by the planted value whose leading digits the answer shares most
+    (none shared: "neither"; a tie goes to the needle), e.g. "needle 3, distractor 5, neither 0"."""
+    if not failed or not failed[0]["distractor_answers"][0]:
+        return ""
+    counts = {"needle": 0, "distractor": 0, "neither": 0}
+    for r in failed:
+        got = r["predicted"][0].split(",")[0]
+        needle = len(os.path.commonprefix([got, r["answer"][0]]))
+        other = max(
+            len(os.path.commonprefix([got, v])) for v in r["distractor_answers"][0].split(", ")
+        )
+        kind = "neither" if needle == other == 0 else "needle" if needle >= other else "distractor"
+        counts[kind] += 1
+    return ", ".join(f"{k} {n}" for k, n in counts.items())
 
 
 def task_figures(workdir: Path, model: str) -> list[str]:
@@ -542,13 +560,15 @@ def main(argv=None) -> int:
             f"Tasks, base model (rope) at L0: the cell's prompt and the pass rate over it and "
             f"{args.seeds} more (seeds seed+1 …):",
             "",
-            "| task | depth | cell passed | cell output | pass rate |",
-            "|---|---:|---|---|---:|",
+            "| task | depth | cell passed | cell output | pass rate | failures: the answer "
+            "begins as the value of (multi-key) |",
+            "|---|---:|---|---|---:|---|",
         ]
         for r in task_rows:
             lines.append(
                 f"| {r['task']} | {r['depth']:g} | {'yes' if r['cell_passed'] else 'no'} | "
-                f"`{r['cell_generated']!r}` | {r['rate']:.0%} of {r['prompts']} |"
+                f"`{r['cell_generated']!r}` | {r['rate']:.0%} of {r['prompts']} | "
+                f"{r['failed_like']} |"
             )
         lines += ["", *task_figures(workdir, model)]
     out = Path(args.out)
