@@ -16,6 +16,7 @@ BASE = {
     "lengths": [32, 64],
     "corpora": {"c": {"builtin": "stdlib"}},
     "ppl": {"corpus": "c"},
+    "needle": {"lengths": []},  # no needle cells: 32 and 64 tokens cannot hold the prompt
 }
 
 

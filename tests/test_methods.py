@@ -292,6 +292,7 @@ def test_longrope_factors_from_a_file(tmp_path):
             "lengths": [64],
             "corpora": {"code": {"builtin": "stdlib"}},
             "ppl": {"corpus": "code"},
+            "needle": {"lengths": []},  # 64 tokens cannot hold a needle prompt
         }
         spec = config.cell_spec(config.prepare(cfg, tmp_path), "m", "lr")
         assert spec["params"]["long_factor"] == long and "factors_file" not in spec["params"]
@@ -406,6 +407,7 @@ def test_auto_factor_in_a_config():
         "lengths": [32, 64, 256],
         "corpora": {"code": {"builtin": "stdlib"}},
         "ppl": {"corpus": "code"},
+        "needle": {"lengths": [256]},  # 32 and 64 tokens cannot hold a needle prompt
     }
     assert config.cell_spec(config.prepare(cfg), "m", "pi-auto")["params"] == {"factor": "auto"}
     cfg["methods"]["pi-auto"].update(cpt_length=256, checkpoints={"m": {"hub": "a/b"}})
@@ -571,6 +573,7 @@ def test_layer_types_in_a_method_entry_reach_the_cell(tmp_path):
         "lengths": [64],
         "corpora": {"code": {"builtin": "stdlib"}},
         "ppl": {"corpus": "code"},
+        "needle": {"lengths": []},  # 64 tokens cannot hold a needle prompt
     }
     out = config.prepare(cfg)
     spec = config.cell_spec(out, "m", "pi")

@@ -524,6 +524,7 @@ MICRO = {
     "lengths": [16, 32],
     "corpora": {"code": {"builtin": "stdlib", "max_documents": 12}},
     "ppl": {"corpus": "code", "max_documents": 2, "position_bins": 4},
+    "needle": {"lengths": []},  # 16 and 32 tokens cannot hold a needle prompt
 }
 
 

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.workflow
 TASKS_MICRO = {
     **MICRO,
     "lengths": [64, 320],
+    "needle": {"lengths": [320]},  # 64 tokens cannot hold a needle prompt
     "tasks": {
         "lengths": [320],
         "depths": [50],

@@ -123,6 +123,7 @@ def check(cfg: dict, base_dir: str | os.PathLike = ".") -> None:
     _check_models(cfg, base)
     _check_methods(cfg, base)
     _check_sections(cfg, base)
+    check_prompt_lengths(cfg)
     from ropelens import architectures  # what each model's own config allows (issue 12)
 
     architectures.check(cfg, base)
@@ -480,8 +481,82 @@ def _byte_task_length(task: str) -> int:
     from ropelens import tasks
     from ropelens.toydata import FEWEST
 
-    as_bytes = lambda text, add_special_tokens=False: {"input_ids": list(text.encode())}  # noqa: E731
-    return max(tasks.min_length(as_bytes, task, seed, counts=FEWEST) for seed in range(32))
+    return max(tasks.min_length(_byte_tokens, task, seed, counts=FEWEST) for seed in range(32))
+
+
+def _byte_tokens(text: str, add_special_tokens: bool = False) -> dict:
+    """The zoo's byte tokenizer (:mod:`ropelens.tokenizer`) without building it: one token per
+    UTF-8 byte and no special tokens, so prompt lengths are known at plan time."""
+    return {"input_ids": list(text.encode())}
+
+
+# --- prompts that fit their cells (issue 27): needle.lengths and tasks.lengths ----------------
+
+
+def check_prompt_lengths(cfg: dict) -> None:
+    """A needle or task length too short for its prompt would only write ``prompt_error`` cells:
+    refuse it for the models whose tokenizer is known at plan time (the zoo's byte tokenizer:
+    ``tiny`` and ``train`` models, without a checkpoint of their own). Other models' tokenizers
+    are not loaded here; their cells record ``prompt_error`` and the report says so."""
+    models = list(dict.fromkeys(m for m, x in model_method_pairs(cfg) if _byte_cells(cfg, m, x)))
+    if not models:
+        return
+    who = f"model '{models[0]}' (byte tokenizer)"
+    needle = cfg["needle"]
+    if needle["format"] != "chat":  # plain: a byte tokenizer has no chat template
+        shortest = _byte_needle_length(json.dumps(needle.get("template") or {}, sort_keys=True))
+        for n in needle["lengths"]:
+            if n < shortest:
+                raise ConfigError(
+                    f"needle.lengths: {n} tokens is too short for the needle prompt of {who}; "
+                    f"the shortest that fits is {shortest}: use needle lengths >= {shortest} "
+                    "(needle.lengths defaults to lengths)"
+                )
+    if "tasks" in cfg and cfg["tasks"]["format"] != "chat":
+        for task in enabled_tasks(cfg):
+            _check_task_lengths(cfg, task, who)
+
+
+def _byte_cells(cfg: dict, model: str, method: str) -> bool:
+    """The (model, method) cells run with the byte tokenizer (a model the workflow builds)."""
+    ckpt = (cfg["methods"][method].get("checkpoints") or {}).get(model)
+    built = "tiny" in cfg["models"][model] or "train" in cfg["models"][model]
+    return built and (ckpt is None or "train" in ckpt)
+
+
+@cache
+def _byte_needle_length(template_json: str) -> int:
+    from ropelens import needle
+
+    template = needle.Template(**json.loads(template_json))
+    return needle.min_length(_byte_tokens, template, "plain")
+
+
+def _check_task_lengths(cfg: dict, task: str, who: str) -> None:
+    """Every cell of ``task`` (its seed is drawn per length and depth) holds its prompt."""
+    from ropelens import tasks
+
+    settings = task_settings(cfg, task)
+    counts, overrides = tasks.cell_options(settings)
+    depths = task_entry(cfg, task)["depths"]
+
+    def need(n: int) -> int:  # the longest shortest prompt over the depths at length n
+        seeds = {tasks.cell_seed(task, n, d, settings.get("seed", 0)) for d in depths}
+        return max(
+            (tasks.min_length(_byte_tokens, task, s, "plain", counts, overrides) for s in seeds),
+            default=0,
+        )
+
+    for n in cfg["tasks"]["lengths"]:
+        if n < need(n):
+            fits = n + 1
+            while fits < need(fits):
+                fits += 1
+            raise ConfigError(
+                f"tasks.lengths: {n} tokens is too short for the {task} prompts of {who}, "
+                f"which take up to {need(n)} there; the shortest that fits every depth is "
+                f"{fits}: remove {n} from tasks.lengths (it defaults to needle.lengths)"
+            )
 
 
 def _check_apply(label: str, entry: dict) -> None:

@@ -29,10 +29,7 @@ def run_cell(model, tokenizer, task, haystack, length: int, depth: float, settin
 
     seed = tasks.cell_seed(task, length, depth, settings.get("seed", 0))
     fmt = needle.resolve_format(tokenizer, settings.get("format", "auto"))
-    counts = {k: settings[k] for k in tasks.DEFAULTS if k in settings}
-    overrides = dict(settings.get("template") or {})
-    if "digits" in settings:
-        overrides["digits"] = settings["digits"]
+    counts, overrides = tasks.cell_options(settings)
     try:
         prompt = tasks.build(tokenizer, task, haystack, length, depth, seed, fmt, counts, overrides)
     except DataError as e:

@@ -154,6 +154,17 @@ def template(task: str, overrides: dict | None = None) -> TaskTemplate:
     return replace(TEMPLATES[task], **(overrides or {}))
 
 
+def cell_options(settings: dict) -> tuple[dict, dict]:
+    """(counts, template overrides) of a task cell's settings (``tasks.<task>`` with the shared
+    keys, as :func:`ropelens.grid.task_settings` gives them): what :func:`build` and
+    :func:`min_length` take besides the seed."""
+    counts = {k: settings[k] for k in DEFAULTS if k in settings}
+    overrides = dict(settings.get("template") or {})
+    if "digits" in settings:
+        overrides["digits"] = settings["digits"]
+    return counts, overrides
+
+
 def _numbers(rng: random.Random, n: int, digits: int) -> list[str]:
     """``n`` distinct ``digits``-digit numbers without a leading zero."""
     out: list[str] = []
