@@ -126,7 +126,8 @@ def cell_env(path: str | None, memory_mb: float = 4000) -> dict:
 
 def run(args, env, cwd, **kwargs) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "ropelens", *args]
-    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+    kwargs = {"capture_output": True, "text": True, "timeout": 600, **kwargs}
+    return subprocess.run(cmd, env=env, cwd=cwd, **kwargs)
 
 
 def events(cwd: Path, name: str | None = None) -> list[dict]:
@@ -168,10 +169,15 @@ def refused(path: str, timeout: float = 10.0) -> bool:
     return False
 
 
+def runner_pids(workdir: Path) -> set[int]:
+    """The runners and cells of a runner log (a line of a client has no runner)."""
+    runners = {e["runner"] for e in events(workdir) if "runner" in e}
+    return runners | {e["pid"] for e in events(workdir, "cell")}
+
+
 def stop_all(cwd: Path, path: str) -> None:
     runner_client.stop(path)
-    pids = {e["runner"] for e in events(cwd)} | {e["pid"] for e in events(cwd, "cell")}
-    assert wait_gone(pids) == []
+    assert wait_gone(runner_pids(cwd)) == []
 
 
 # --- equality ------------------------------------------------------------------------------------
@@ -378,20 +384,19 @@ def test_cell_command_and_export(monkeypatch):
 
 
 def test_no_runner_means_cold(inputs, tmp_path):
-    """A socket that cannot be made (a file where its folder should be): the cell runs cold."""
+    """A socket that cannot be made (a file where its folder should be): the cell runs cold and
+    says why, in its log and the runner log."""
     (tmp_path / "f").write_text("")
     env = cell_env(str(tmp_path / "f/r.sock"))
     proc = run(argv(inputs, "ppl", "rope", SHORT, tmp_path / "a.parquet"), env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert pq.read_table(tmp_path / "a.parquet").num_rows > 0
-    assert not (tmp_path / "logs/runner").exists()
+    why = f"{tmp_path / 'f'} is not a folder; running this cell cold"
+    assert f"ropelens: warm runner: {why}" in proc.stderr.splitlines()
+    assert [(e["event"], e["reason"]) for e in events(tmp_path)] == [("cold", why)]  # no runner
 
 
 # --- through Snakemake: one runner per process, nothing left behind -----------------------------
-
-
-def runner_pids(workdir: Path) -> set[int]:
-    return {e["runner"] for e in events(workdir)} | {e["pid"] for e in events(workdir, "cell")}
 
 
 @pytest.fixture(scope="module")

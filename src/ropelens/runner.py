@@ -16,6 +16,10 @@ The runner ends when its owner (the Snakemake process) is gone (polled every 0.2
 onsuccess/onerror); a child whose client went away is killed, and the children die with the
 runner (PR_SET_PDEATHSIG). Its log has one JSON line per event; ``"event": "load"`` lines count
 model loads.
+
+It serves only its own user: it does not start in a folder that others own or can reach
+(``runner_client.folder_problem``), its socket is created owner-only, and a connection whose peer
+(``SO_PEERCRED``) is another uid is closed before anything is read from it.
 """
 
 from __future__ import annotations
@@ -68,7 +72,11 @@ class Server:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         if os.path.exists(self.path):
             os.unlink(self.path)  # a dead runner's socket (the starter holds the lock)
-        self.listener.bind(self.path)
+        umask = os.umask(0o177)  # the socket file is made owner-only (0600), whatever the umask
+        try:
+            self.listener.bind(self.path)
+        finally:
+            os.umask(umask)
         self.listener.listen(64)
         if self.lock_fd is not None:
             os.close(self.lock_fd)  # listening: cells waiting to start a runner connect instead
@@ -105,6 +113,10 @@ class Server:
 
     def accept(self) -> None:
         conn, _ = self.listener.accept()
+        uid = rc.peer_uid(conn)
+        if uid != os.getuid():  # another user's process: read nothing, run nothing
+            self.event("refused", uid=uid, reason="another user")
+            return conn.close()
         conn.settimeout(30)
         fds: list[int] = []
         try:
@@ -288,6 +300,7 @@ class Server:
         except OSError:
             pass
         self.listener.close()
+        rc._remove_private(os.path.dirname(self.path))
 
     def _sockets(self, conn):
         return [self.listener, self.wake, self._wake_w, conn, *(j[0] for j in self.jobs.values())]
@@ -491,6 +504,10 @@ def serve(path, owner: int, memory_mb: float, idle_s: float, log, lock_fd=None) 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     server = Server(path, owner, memory_mb, idle_s, out, lock_fd)  # env fingerprint first
+    problem = rc.folder_problem(os.path.dirname(path))
+    if problem:
+        server.event("exit", reason=f"{problem}: not serving there")
+        return 1
     _prepare()
     server.serve()
     return 0

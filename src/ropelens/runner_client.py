@@ -8,6 +8,10 @@ writes the cell's log. It then waits for the cell's exit status and ends the sam
 exit code, or killed by the same signal (137 in the shell for SIGKILL). If no runner answers, the
 first client starts one (a lock file against races); if none can be started, or the runner says
 so (a GPU cell, another environment), the cell runs cold in this process: always correct.
+
+Only this user's runner is used: its folder must be this user's own, closed to others, and not a
+symbolic link (:func:`folder_problem`), and the server at the socket must run as this user
+(``SO_PEERCRED``, checked before anything is sent); otherwise the cell runs cold and says why.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ import json
 import os
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +37,7 @@ ENV_IDLE = "ROPELENS_RUNNER_IDLE_SECONDS"
 ENV_JOB = "ROPELENS_RUNNER_SLURM_JOB"
 START_TIMEOUT = 180.0  # seconds a starting runner may take to import torch on a loaded machine
 HEADER = struct.Struct("!I")  # every message: its length, then JSON
+PEERCRED = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
 
 
 # --- the workflow side: one runner per Snakemake process -----------------------------------------
@@ -61,7 +68,10 @@ def export_for_workflow(runtime: dict, start: bool = False) -> None:
     if not runtime.get("warm", True) or not sys.platform.startswith("linux"):
         return
     pid = os.getpid()
-    os.environ[ENV_SOCKET] = socket_path(pid)
+    path = private_socket(pid)
+    if path is None:
+        return
+    os.environ[ENV_SOCKET] = path
     os.environ[ENV_OWNER] = str(pid)
     os.environ[ENV_MEMORY] = str(runtime.get("warm_memory_mb", 4000))
     os.environ[ENV_IDLE] = str(runtime.get("warm_idle_seconds", 300))
@@ -69,9 +79,50 @@ def export_for_workflow(runtime: dict, start: bool = False) -> None:
     become_subreaper()
     import atexit
 
-    atexit.register(_remove, f"{os.environ[ENV_SOCKET]}.lock")  # the start lock ends with us
+    atexit.register(_remove_private, os.path.dirname(path))  # runs last: after the lock goes
+    atexit.register(_remove, f"{path}.lock")  # the start lock ends with us
     if start:
-        start_now(os.environ[ENV_SOCKET])
+        start_now(path)
+
+
+def private_socket(pid: int) -> str | None:
+    """:func:`socket_path` in a folder only this user can reach: the usual one when it is
+    fit (:func:`folder_problem`), else a new private folder beside it (another user made it
+    first, say, in /tmp); None if none can be made (the cells run cold). Either says why on
+    stderr and in the runner log."""
+    path = socket_path(pid)
+    folder, name = os.path.split(path)
+    problem = folder_problem(folder)
+    if problem is None:
+        return path
+    base, prefix = os.path.split(folder)
+    try:
+        private = tempfile.mkdtemp(prefix=f"{prefix}-", dir=base)  # mode 0700, a random name
+    except OSError as e:
+        reason = f"{problem}, and no private folder can be made ({e.strerror})"
+        return _note("folder", f"{reason}: cells run cold", pid)
+    _note("folder", f"{problem}: the warm runner uses {private} instead", pid)
+    return os.path.join(private, name)
+
+
+def folder_problem(folder: str) -> str | None:
+    """Why the runner's socket may not live in ``folder`` (made, mode 0700, if missing), or None:
+    it must be a folder, not a symbolic link, owned by this user and closed to everyone else."""
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder, 0o700)
+        st = os.lstat(folder)
+    except OSError as e:
+        return f"{folder} cannot be made ({e.strerror})"
+    if stat.S_ISLNK(st.st_mode):
+        return f"{folder} is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{folder} is not a folder"
+    if st.st_uid != os.getuid():
+        return f"{folder} is owned by uid {st.st_uid}, not by you (uid {os.getuid()})"
+    if st.st_mode & 0o077:
+        return f"{folder} has mode {stat.S_IMODE(st.st_mode):04o}, not 0700 (others can reach it)"
+    return None
 
 
 _STARTED: list = []  # the runner this process started (kept: no ResourceWarning at exit)
@@ -82,8 +133,9 @@ def start_now(path: str) -> None:
     cell arriving meanwhile waits for it instead of starting another."""
     import fcntl
 
+    if folder_problem(os.path.dirname(path)):
+        return
     try:
-        Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     except OSError:
         return
@@ -115,6 +167,9 @@ def stop(path: str | None = None) -> bool:
     sock = _connect(path) if path else None
     if sock is None:
         return False
+    if peer_uid(sock) != os.getuid():  # not this user's runner: nothing to ask of it
+        sock.close()
+        return False
     with sock:
         try:
             _send(sock, {"op": "stop"})
@@ -137,7 +192,7 @@ def run(argv: list[str]) -> int | None:
     path = os.environ.get(ENV_SOCKET)
     if not path or cell_command(argv) is None:
         return None
-    sock = _connect_or_start(path)
+    sock = _trusted_runner(path)
     if sock is None:
         return None
     signal.signal(signal.SIGINT, _interrupted)
@@ -164,6 +219,44 @@ def run(argv: list[str]) -> int | None:
         os.kill(os.getpid(), sig)
         return 128 + sig
     return reply["exit"]
+
+
+def _trusted_runner(path: str) -> socket.socket | None:
+    """A connection to this user's runner at ``path`` (started if none answers), or None: run
+    the cell cold (said on stderr and in the runner log when the runner is not this user's)."""
+    problem = folder_problem(os.path.dirname(path))
+    if problem:
+        return _note("cold", f"{problem}; running this cell cold")
+    sock = _connect_or_start(path)
+    if sock is None:
+        return None
+    uid = peer_uid(sock)
+    if uid != os.getuid():  # checked before anything is sent
+        sock.close()
+        whose = f"uid {uid}, not by you (uid {os.getuid()})"
+        return _note("cold", f"{path} is served by {whose}; running this cell cold")
+    return sock
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process at the other end of a Unix socket (SO_PEERCRED), or None."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size)
+    except (OSError, AttributeError):  # AttributeError: no SO_PEERCRED (not Linux)
+        return None
+    return PEERCRED.unpack(creds)[1]
+
+
+def _note(event: str, reason: str, owner=None) -> None:
+    """Why the warm runner is not used as usual: one line on stderr (the job's log) and one in
+    the runner log."""
+    print(f"ropelens: warm runner: {reason}", file=sys.stderr)
+    line = {"event": event, "time": round(time.time(), 3), "client": os.getpid(), "reason": reason}
+    log = runner_log(owner)
+    with contextlib.suppress(OSError):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as out:
+            out.write(json.dumps(line) + "\n")
 
 
 def _stdio() -> list[int]:
@@ -198,10 +291,9 @@ def _connect_or_start(path: str) -> socket.socket | None:
     if sock is not None:
         return sock
     try:
-        Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         import fcntl
 
-        lock = open(f"{path}.lock", "w")  # noqa: SIM115 (closed by the with below)
+        lock = open(f"{path}.lock", "w", opener=_private)  # noqa: SIM115 (closed below)
     except OSError:
         return None
     with lock:
@@ -223,7 +315,7 @@ def _start(path: str, lock_fd: int | None = None) -> subprocess.Popen | None:
     """Start a runner for this workflow (its own session: killing a job's process group spares
     it; it ends with its owner). Its output goes to logs/runner/<host>-<owner>.log."""
     owner = os.environ.get(ENV_OWNER) or str(os.getppid())
-    log = Path("logs/runner") / f"{socket.gethostname().split('.')[0]}-{owner}.log"
+    log = runner_log(owner)
     cmd = [sys.executable, "-m", "ropelens.runner", "serve", "--socket", path]
     cmd += ["--owner", owner, "--log", str(log)]
     cmd += ["--memory-mb", os.environ.get(ENV_MEMORY, "4000")]
@@ -244,6 +336,23 @@ def _start(path: str, lock_fd: int | None = None) -> subprocess.Popen | None:
             )
     except OSError:
         return None
+
+
+def runner_log(owner=None) -> Path:
+    """The log of the runner owned by ``owner`` (default: this workflow's), one per host."""
+    owner = owner or os.environ.get(ENV_OWNER) or os.getppid()
+    return Path("logs/runner") / f"{socket.gethostname().split('.')[0]}-{owner}.log"
+
+
+def _private(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
+
+
+def _remove_private(folder: str) -> None:
+    """A private folder made for one workflow (``ropelens-<uid>-*``) goes once it is empty."""
+    if os.path.basename(folder).startswith(f"ropelens-{os.getuid()}-"):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
 
 
 def _remove(path: str) -> None:
