@@ -26,9 +26,11 @@ rule ppl_table:
         "logs/report/ppl.log",
     conda:
         "../envs/ropelens.yaml"
+    params:
+        models=MODELS,
     shell:
         "python -m ropelens aggregate-ppl {input} --prefix results/tables/ppl"
-        " --html {output.html} --png {output.png} 2> {log}"
+        " --models {params.models} --html {output.html} --png {output.png} 2> {log}"
 
 
 rule attention_report:

@@ -17,10 +17,31 @@ def _no_row_limit():
     alt.data_transformers.disable_max_rows()
 
 
-def ppl_chart(table):
-    """PPL vs length (log x): a line per method, a panel per model, a rule at pretrained length."""
+def note_chart(title: str, note: str):
+    """A chart that says why there is nothing to draw (no cells of a kind, none with a result,
+    no failure to predict): the note, wrapped, in place of the marks. Its files are written
+    like any chart's, so the workflow's outputs exist and the report shows the reason."""
+    import textwrap
+
+    import altair as alt
+    import pandas as pd
+
+    lines = textwrap.wrap(note, 88) or [""]
+    return (
+        alt.Chart(pd.DataFrame({"note": ["\n".join(lines)]}))
+        .mark_text(lineBreak="\n", align="left", baseline="top", fontSize=13, color="#424242")
+        .encode(text="note:N", x=alt.value(8), y=alt.value(8))
+        .properties(width=600, height=20 * len(lines) + 16, title=title)
+    )
+
+
+def ppl_chart(table, note: str = ""):
+    """PPL vs length (log x): a line per method, a panel per model, a rule at pretrained length;
+    ``note`` (what the grid lacks, e.g. a model without cells) under the title."""
     import altair as alt
 
+    if table.num_rows == 0:
+        return note_chart("Perplexity", note or "No perplexity cells in this grid.")
     df = table.to_pandas()
     df["training"] = [
         "training-free" if c != c or c is None else "continual pretraining"
@@ -51,8 +72,11 @@ def ppl_chart(table):
         .facet(column=alt.Column("model:N", title=None))
         .resolve_scale(y="independent")
         .properties(
-            title="Perplexity vs context length (grey rule: pretrained length; "
-            "dashed lines: continually pretrained)"
+            title=alt.TitleParams(
+                "Perplexity vs context length (grey rule: pretrained length; "
+                "dashed lines: continually pretrained)",
+                subtitle=_wrapped(note),
+            )
         )
     )
 
@@ -138,6 +162,12 @@ def attention_chart(df, model: str, lengths: list[int], coordinates: str = "posi
 
     column = "pos_mass" if coordinates == "position" else "dist_mass"
     sub = df[(df["model"] == model) & (df["length"].isin(lengths))]
+    if sub.empty:
+        shown = f" at lengths {', '.join(map(str, lengths))}" if lengths else ""
+        return note_chart(
+            f"{model}: attention distribution",
+            f"No attention cells of model '{model}'{shown} in this grid.",
+        )
     per_cell = sub.groupby(["method", "length"]).size().max() if len(sub) else 0
     by_layer = per_cell > MAX_FAINT_LINES  # 7B-sized models: one faint line per layer
     rows = []
@@ -196,6 +226,11 @@ def js_chart(js, model: str):
     from ropelens.distributions import COORDINATE_NAMES
 
     sub = js[(js["model"] == model) & (js["layer"] == "mean")]
+    if sub.empty:
+        return note_chart(
+            f"{model}: JS divergence from the reference",
+            f"No attention cells of model '{model}' in this grid.",
+        )
     data = pd.concat(
         [
             sub.assign(average="heads averaged", js=sub["js_head_averaged"]),
@@ -227,14 +262,20 @@ def js_chart(js, model: str):
     ).properties(title=f"{model}: JS divergence from the reference, mean over layers")
 
 
-def needle_heatmap(cells, model: str, what: str = "needle retrieval"):
-    """Fig. 4/5: length × depth per method; green pass / red fail (grey: no result), each cell
-    annotated with its mean attention entropy, a dashed rule at the continual-pretraining length.
-    ``what`` names the task in the title (task cells: :func:`task_heatmap`)."""
+def needle_heatmap(cells, model: str, what: str = "needle retrieval", kind: str = "needle"):
+    """Fig. 4/5: length × depth per method; green pass / red fail (grey: no result, counted with
+    the first error under the title), each cell annotated with its mean attention entropy, a
+    dashed rule at the continual-pretraining length. ``what`` names the task in the title and
+    ``kind`` the cells (task cells: :func:`task_heatmap`); a model without cells gets a
+    :func:`note_chart`."""
     import altair as alt
     import pandas as pd
 
+    from ropelens.retrieval import status_summary
+
     df = cells[cells["model"] == model].copy()
+    if df.empty:
+        return note_chart(f"{model}: {what}", f"No {kind} cells of model '{model}' in this grid.")
     df["outcome"] = [
         ("pass" if p else "fail") if s == "ok" else s for p, s in zip(df["passed"], df["status"])
     ]
@@ -282,42 +323,42 @@ def needle_heatmap(cells, model: str, what: str = "needle retrieval"):
         )
         .facet(facet=alt.Facet("method:N", title=None), columns=3)
         .properties(
-            title=f"{model}: {what} by requested depth{placed} (cell text: mean "
-            "attention entropy; dashed: right edge of the continual-pretraining length)"
+            title=alt.TitleParams(
+                f"{model}: {what} by requested depth{placed} (cell text: mean "
+                "attention entropy; dashed: right edge of the continual-pretraining length)",
+                subtitle=_wrapped(status_summary(df)),
+            )
         )
     )
+
+
+def _wrapped(text: str, width: int = 110) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width)
 
 
 def task_heatmap(cells, model: str, task: str):
     """The needle heatmap of one synthetic task's cells (:mod:`ropelens.taskcells`): pass/fail
     per method over length × depth of the first planted span, annotated with mean entropy."""
     df = cells[cells["task"] == task]
-    return needle_heatmap(df, model, what=task.replace("_", "-"))
+    name = task.replace("_", "-")
+    return needle_heatmap(df, model, what=name, kind=name)
 
 
-def strata_chart(summary, strata, model: str):
+def strata_chart(summary, strata, model: str, note: str = ""):
     """AUROC of mean entropy for failure within each context length (bold line: all methods;
     points: method × length strata with both outcomes), against the pooled AUROC (dashed) and the
-    AUROC of length alone (dotted); 0.5 = no signal."""
+    AUROC of length alone (dotted); 0.5 = no signal. Without both outcomes among the model's
+    cells there is no AUROC: a :func:`note_chart` says so (``note``: why, when the caller knows,
+    e.g. :func:`ropelens.retrieval.no_result_note`)."""
     import altair as alt
-    import pandas as pd
 
     st = strata[strata["model"] == model]
     pooled = summary[(summary["model"] == model) & (summary["method"] == "(all methods)")]
-    refs = pd.DataFrame(
-        [
-            ("entropy, pooled over lengths", float(pooled["auroc_entropy_failure"].iloc[0])),
-            (
-                "entropy, within lengths (pair-weighted)",
-                float(pooled["auroc_within_length"].iloc[0]),
-            ),
-            ("length alone", float(pooled["auroc_length_failure"].iloc[0])),
-            ("no signal", 0.5),
-        ]
-        if len(pooled)
-        else [],
-        columns=["what", "auroc"],
-    )
+    if note or pooled["auroc_entropy_failure"].isna().all():
+        why = f"No AUROC to draw: the needle cells of model '{model}' lack passes or failures."
+        return note_chart(f"{model}: AUROC of entropy for failure", note or why)
     x = alt.X("length:O", title="context length (tokens)")
     y = alt.Y(
         "auroc_entropy_failure:Q",
@@ -342,6 +383,37 @@ def strata_chart(summary, strata, model: str):
         .mark_line(point=alt.OverlayMarkDef(color="black", size=70), color="black", strokeWidth=3)
         .encode(x=x, y=y, tooltip=tip)
     )
+    lines = _reference_rules(pooled)
+    return (
+        alt.layer(lines, per_method, by_length)
+        .resolve_scale(color="independent")
+        .properties(
+            width=max(220, 70 * st["length"].nunique()),
+            height=220,
+            title=f"{model}: AUROC of entropy for failure within each length "
+            "(black line: all methods at that length)",
+        )
+    )
+
+
+def _reference_rules(pooled):
+    """The horizontal rules of :func:`strata_chart`: the pooled AUROCs (one row of
+    :func:`ropelens.retrieval.summary_table`) and 0.5, no signal."""
+    import altair as alt
+    import pandas as pd
+
+    refs = pd.DataFrame(
+        [
+            ("entropy, pooled over lengths", float(pooled["auroc_entropy_failure"].iloc[0])),
+            (
+                "entropy, within lengths (pair-weighted)",
+                float(pooled["auroc_within_length"].iloc[0]),
+            ),
+            ("length alone", float(pooled["auroc_length_failure"].iloc[0])),
+            ("no signal", 0.5),
+        ],
+        columns=["what", "auroc"],
+    )
     ref_colors = ["#d62728", "#000000", "#1f77b4", "#9e9e9e"][: len(refs)]
     lines = (
         alt.Chart(refs)
@@ -364,13 +436,4 @@ def strata_chart(summary, strata, model: str):
             tooltip=["what", alt.Tooltip("auroc:Q", format=".3f")],
         )
     )
-    return (
-        alt.layer(lines, per_method, by_length)
-        .resolve_scale(color="independent")
-        .properties(
-            width=max(220, 70 * st["length"].nunique()),
-            height=220,
-            title=f"{model}: AUROC of entropy for failure within each length "
-            "(black line: all methods at that length)",
-        )
-    )
+    return lines

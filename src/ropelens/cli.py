@@ -17,9 +17,24 @@ from ropelens import __version__
 from ropelens.errors import RopelensError, is_out_of_memory
 
 
+class JsonObject(dict):
+    """A mapping of a JSON argument (``--spec``, ``--settings``, ...): looking up a key it lacks
+    raises :class:`MissingJsonKey`, so :func:`explain` blames the JSON arguments for exactly
+    those KeyErrors and no other."""
+
+    def __missing__(self, key):
+        raise MissingJsonKey(key, self)
+
+
+class MissingJsonKey(KeyError):
+    def __init__(self, key, mapping: dict):
+        super().__init__(key)
+        self.mapping = mapping
+
+
 def _json(text: str) -> dict:
     try:
-        return json.loads(text)
+        return json.loads(text, object_hook=JsonObject)
     except json.JSONDecodeError as e:
         raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
 
@@ -247,12 +262,13 @@ def cmd_aggregate_attention(args) -> int:
     from ropelens.io import read_cells
 
     table = distributions.js_table(args.cells, args.reference)
-    distributions.write_js_outputs(table, args.prefix)
+    note = _missing_note("attention", args.models, table.column("model").to_pylist())
+    distributions.write_js_outputs(table, args.prefix, note)
     df = read_cells(args.cells, schemas.ATTENTION).to_pandas()
     js = table.to_pandas()
     for i, model in enumerate(args.models):
-        sub = df[df["model"] == model]
-        pretrained = int(sub["pretrained_length"].iloc[0])
+        sub = df[df["model"] == model]  # none: each chart says so
+        pretrained = int(sub["pretrained_length"].iloc[0]) if len(sub) else 0
         lengths = distributions.plot_lengths(sub, pretrained, args.plot_lengths)
         charts.save(charts.attention_chart(sub, model, lengths), args.html[i], args.png[i])
         for coords, html, png in (
@@ -274,7 +290,8 @@ def cmd_aggregate_sinks(args) -> int:
     from ropelens import charts, sinks, tables
 
     table = sinks.sink_table(args.cells)
-    tables.write_outputs(table.filter(_is_mean(table)), args.prefix, "sink_mass", "{:.3f}")
+    note = _missing_note("attention", args.models, table.column("model").to_pylist())
+    tables.write_outputs(table.filter(_is_mean(table)), args.prefix, "sink_mass", "{:.3f}", note)
     from ropelens.io import write_table
 
     write_table(table, f"{args.prefix}_layers.parquet")
@@ -340,16 +357,18 @@ def cmd_aggregate_needle(args) -> int:
     cells = retrieval.cell_frame(args.cells)
     prefix = Path(args.prefix)
     summary, strata = retrieval.summary_table(cells), retrieval.strata_table(cells)
+    notes = {m: retrieval.no_result_note(cells, m) for m in _models(args.models, cells)}
+    note = " ".join(filter(None, notes.values())) or retrieval.no_result_note(cells)
     for name, df in (
         ("", summary),
         ("_entropy_strata", strata),
         ("_cpt", retrieval.cpt_table(cells)),
     ):
-        tables.write_frame(df, prefix.with_name(prefix.name + name))
+        tables.write_frame(df, prefix.with_name(prefix.name + name), note=note)
     for model, html, png in zip(args.models, args.html, args.png):
         charts.save(charts.needle_heatmap(cells, model), html, png)
     for model, html, png in zip(args.models, args.strata_html, args.strata_png):
-        charts.save(charts.strata_chart(summary, strata, model), html, png)
+        charts.save(charts.strata_chart(summary, strata, model, notes[model]), html, png)
     print(f"aggregated {len(args.cells)} needle cells", file=sys.stderr)
     return 0
 
@@ -372,15 +391,36 @@ def cmd_task(args) -> int:
 
 def cmd_aggregate_tasks(args) -> int:
     from ropelens import charts, tables, taskcells
+    from ropelens.retrieval import no_result_note
 
     cells = taskcells.cell_frame(args.cells)
     prefix = Path(args.prefix)
+    tasks = list(dict.fromkeys([*args.tasks, *cells["task"]]))
+    notes = [
+        no_result_note(cells[cells["task"] == task], model, task.replace("_", "-"))
+        for model in _models(args.models, cells)
+        for task in tasks
+    ]
+    note = " ".join(filter(None, notes)) or no_result_note(cells, what="task")
     for name, df in taskcells.tables(cells).items():
-        tables.write_frame(df, prefix.with_name(prefix.name + name))
+        tables.write_frame(df, prefix.with_name(prefix.name + name), note=note)
     for (model, task), html, png in zip(_pairs(args.models, args.tasks), args.html, args.png):
         charts.save(charts.task_heatmap(cells, model, task), html, png)
     print(f"aggregated {len(args.cells)} task cells", file=sys.stderr)
     return 0
+
+
+def _missing_note(kind: str, models, present) -> str:
+    """What an aggregate of ``kind`` cells lacks: none at all, or none of some ``models``."""
+    if not present:
+        return f"No {kind} cells in this grid."
+    missing = [m for m in models if m not in set(present)]
+    return " ".join(f"No {kind} cells of model '{m}' in this grid." for m in missing)
+
+
+def _models(charted, cells) -> list[str]:
+    """The models to account for: those charted (``--models``), then any other with cells."""
+    return list(dict.fromkeys([*charted, *cells["model"]]))
 
 
 def _pairs(models, tasks):
@@ -398,9 +438,10 @@ def cmd_aggregate_ppl(args) -> int:
     from ropelens import charts, tables
 
     table = tables.ppl_table(args.cells)
-    tables.write_outputs(table, args.prefix, "ppl")
+    note = _missing_note("perplexity", args.models, table.column("model").to_pylist())
+    tables.write_outputs(table, args.prefix, "ppl", note=note)
     if args.html:
-        charts.save(charts.ppl_chart(table), args.html, args.png)
+        charts.save(charts.ppl_chart(table, note), args.html, args.png)
     print(f"aggregated {len(args.cells)} cells into {args.prefix}.*", file=sys.stderr)
     return 0
 
@@ -544,6 +585,7 @@ def _ppl_commands(sub) -> None:
     s = sub.add_parser("aggregate-ppl", help="perplexity table (+ chart) from PPL cells")
     s.add_argument("cells", nargs="*", help="PPL cell Parquet files")
     s.add_argument("--prefix", required=True, help="writes PREFIX.parquet/.csv/.md")
+    s.add_argument("--models", nargs="*", default=[], help="models of the grid (named if absent)")
     s.add_argument("--html", help="chart HTML path")
     s.add_argument("--png", help="chart PNG path")
     s.set_defaults(func=cmd_aggregate_ppl)
@@ -665,23 +707,52 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if isinstance(e, RopelensError) else 3 if is_out_of_memory(e) else 1
 
 
+# errors of ropelens' own code, never of what it was given (a KeyError of a JSON argument aside)
+INTERNAL_ERRORS = (
+    LookupError,
+    AttributeError,
+    TypeError,
+    NameError,
+    ArithmeticError,
+    AssertionError,
+)
+DEBUG_HINT = "`ropelens --debug COMMAND ...` or ROPELENS_DEBUG=1 shows the traceback"
+
+
 def explain(e: Exception, args) -> str:
     """One line for an exception of a subcommand: what failed, for which output, what to do."""
     if isinstance(e, RopelensError):
         return str(e)
     first = (str(e).strip().splitlines() or [""])[0]
-    cell = f" for {args.out}" if getattr(args, "out", None) else ""
+    out = getattr(args, "out", None) or getattr(args, "prefix", None)
+    cell = f" for {out}" if out else ""
     if is_out_of_memory(e):
         return f"out of memory{cell}: {first}; give the job more memory or a shorter length"
-    if isinstance(e, KeyError):
+    if isinstance(e, MissingJsonKey):
         return (
-            f"{args.command}{cell}: the JSON arguments lack the key {first}; pass them as the "
-            "workflow does (the command is in the cell's log, or `snakemake -p -n <cell>`)"
+            f"{args.command}{cell}: the JSON argument {_json_flag(args, e.mapping)} lacks the key "
+            f"{first}; pass it as the workflow does (the command is in the cell's log, or "
+            "`snakemake -p -n <cell>`)"
         )
-    return (
-        f"{args.command} failed{cell}: {type(e).__name__}: {first}; nothing was written "
-        "(ROPELENS_DEBUG=1 or `ropelens --debug` shows the traceback)"
-    )
+    if isinstance(e, INTERNAL_ERRORS):
+        return (
+            f"{args.command}: internal error{cell}: {type(e).__name__}: {first} — a bug in "
+            f"ropelens, not in its input; {DEBUG_HINT} (please report it with the command)"
+        )
+    return f"{args.command} failed{cell}: {type(e).__name__}: {first}; {DEBUG_HINT}"
+
+
+def _json_flag(args, mapping: dict) -> str:
+    """The option whose JSON holds ``mapping`` (``--spec``), else 'of the command'."""
+
+    def holds(value) -> bool:
+        if value is mapping:
+            return True
+        items = value.values() if isinstance(value, dict) else value
+        return isinstance(value, (dict, list)) and any(holds(v) for v in items)
+
+    names = [k for k, v in vars(args).items() if k != "func" and holds(v)]
+    return f"--{names[0].replace('_', '-')}" if names else "of the command"
 
 
 # --- arguments checked before any work: inputs exist and have the right columns, outputs can be

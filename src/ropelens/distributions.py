@@ -57,6 +57,8 @@ def measure(model, token_table, length: int, settings: dict, progress=None):
     import torch
 
     decoder = model.get_decoder()
+    if not hasattr(decoder, "config"):  # ModernBERT decoder's get_decoder gives its head
+        decoder = model.base_model
     device = next(model.parameters()).device
     input_ids = token_table.column("input_ids")
     with record_attention(model, spec) as rec, torch.no_grad():
@@ -306,18 +308,22 @@ def js_markdown(table) -> str:
     return to_markdown(js_shown(table))
 
 
-def write_js_outputs(table, prefix) -> None:
-    """``prefix``.parquet/.csv/.md (the ``mean`` rows) and ``prefix``_layers.parquet (all)."""
+def write_js_outputs(table, prefix, note: str = "") -> None:
+    """``prefix``.parquet/.csv/.md (the ``mean`` rows; ``note``: what the table lacks) and
+    ``prefix``_layers.parquet (all)."""
     from pathlib import Path
 
     import pyarrow.compute as pc
 
     from ropelens.io import write_table
-    from ropelens.tables import write_shown
+    from ropelens.tables import empty_shown, write_shown
 
     prefix = Path(prefix)
     mean = table.filter(pc.equal(table.column("layer"), "mean"))
-    write_shown(mean, prefix, js_shown(mean))
+    shown = js_shown(mean) or [empty_shown("No attention cells in this grid.")]
+    if note not in shown[0].note:
+        shown[0].note = f"{note} {shown[0].note}"
+    write_shown(mean, prefix, shown)
     write_table(table, prefix.with_name(prefix.name + "_layers.parquet"))
 
 

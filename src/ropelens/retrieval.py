@@ -146,6 +146,39 @@ def cell_frame(cell_paths):
     )
 
 
+def status_summary(cells) -> str:
+    """How many ``cells`` have no result and why: '2 of 3 cells have no result (2 prompt_error:
+    <the first error>)', or '' when every cell has one."""
+    bad = cells[cells["status"] != OK]
+    if bad.empty:
+        return ""
+    counts = bad["status"].value_counts(sort=True)
+    why = ", ".join(f"{n} {status}" for status, n in counts.items())
+    errors = [e for e in bad["error"] if isinstance(e, str) and e]
+    first = f": {errors[0]}" if errors else ""
+    return f"{len(bad)} of {len(cells)} cells have no result ({why}{first})"
+
+
+def no_result_note(cells, model: str | None = None, what: str = "needle") -> str:
+    """Why the cells (of ``model``) give no pass/fail analysis, in a sentence, or '' when they do:
+    there are none, none has a result (their statuses), or every one has the same outcome."""
+    df = cells if model is None else cells[cells["model"] == model]
+    whose = "" if model is None else f" of model '{model}'"
+    if df.empty:
+        return f"No {what} cells{whose} in this grid."
+    ok = df[df["status"] == OK]
+    if ok.empty:
+        return f"No {what} cell{whose} has a result: {status_summary(df)}."
+    passed = ok["passed"].astype(bool)
+    if passed.all() or not passed.any():
+        outcome = "passed" if passed.all() else "failed"
+        return (
+            f"Every {what} cell{whose} with a result {outcome} ({len(ok)} of {len(df)}): there is "
+            "no pass/fail contrast for attention entropy to predict (AUROCs: —)."
+        )
+    return ""
+
+
 def auroc(scores, positives) -> float:
     """Area under the ROC curve of ``scores`` for predicting ``positives`` (ties count half).
 
@@ -197,23 +230,25 @@ def summary_table(cells):
     """Per (model, method) and pooled per model: pass rate, entropy of passed vs failed cells and
     three AUROCs for predicting failure — mean entropy within each length (pairs of the same
     length only), mean entropy pooled over lengths, and context length alone. Entropy adds to
-    length what the within-length AUROC shows; the pooled one mixes in length."""
+    length what the within-length AUROC shows; the pooled one mixes in length. ``cells`` counts
+    the cells with a result, ``failed_status`` those without (a group of only those: NaN)."""
     import pandas as pd
 
-    ok = cells[cells["status"] == OK]
-    bad = cells[cells["status"] != OK]
     rows = []
-    groups = [((m, x), g) for (m, x), g in ok.groupby(["model", "method"], sort=True)]
-    groups += [((m, ALL_METHODS), g) for m, g in ok.groupby("model", sort=True)]
+    columns = ["model", "method", "cells", "failed_status", "pass_rate", "mean_score"]
+    columns += ["entropy_passed", "entropy_failed", "auroc_within_length"]
+    columns += ["auroc_entropy_failure", "auroc_length_failure"]
+    groups = [((m, x), g) for (m, x), g in cells.groupby(["model", "method"], sort=True)]
+    groups += [((m, ALL_METHODS), g) for m, g in cells.groupby("model", sort=True)]
     for (model, method), g in groups:
-        mine = bad[(bad["model"] == model) & ((bad["method"] == method) | (method == ALL_METHODS))]
-        stats = _failure_stats(g)
+        ok = g[g["status"] == OK]
+        stats = _failure_stats(ok)
         rows.append(
             {"model": model, "method": method, "cells": stats.pop("cells")}
-            | {"failed_status": int(len(mine))}
+            | {"failed_status": int(len(g) - len(ok))}
             | stats
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=columns)
 
 
 def strata_table(cells):
@@ -277,4 +312,8 @@ def cpt_table(cells):
                     "pass_rate_beyond": float(far["passed"].mean()) if len(far) else math.nan,
                 }
             )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=CPT_COLUMNS)
+
+
+CPT_COLUMNS = ["model", "registry_method", "cpt_length", "methods", "cells", "mean_entropy"]
+CPT_COLUMNS += ["pass_rate", "beyond_length", "mean_entropy_beyond", "pass_rate_beyond"]

@@ -57,8 +57,14 @@ def sink_chart(table, model: str):
     """Sink mass per layer (head mean), a line per method, a panel per length."""
     import altair as alt
 
+    from ropelens.charts import note_chart
+
     df = table.to_pandas()
     df = df[(df["model"] == model) & (df["layer"] != "mean")].copy()
+    if df.empty:
+        return note_chart(
+            f"{model}: attention sinks", f"No attention cells of model '{model}' in this grid."
+        )
     df["layer"] = df["layer"].astype(int)
     sink = int(df["sink_tokens"].iloc[0]) if len(df) else 0
     scheme = "tableau20" if df["method"].nunique() > 10 else "tableau10"

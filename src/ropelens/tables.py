@@ -124,13 +124,15 @@ def write_shown(table, prefix: str | Path, shown: list[Shown], csv=None) -> None
     write_text(prefix.with_suffix(".md"), to_markdown(shown))
 
 
-def write_frame(df, prefix: str | Path, floats: str = "{:.3f}") -> None:
+def write_frame(df, prefix: str | Path, floats: str = "{:.3f}", note: str = "") -> None:
     """A pandas table as ``prefix``.parquet, .csv (by pandas) and .md, shown as itself
-    (:func:`text_frame`)."""
+    (:func:`text_frame`) under ``note`` (what the table lacks and why; a table without rows
+    says it has none)."""
     import pyarrow as pa
 
     table = pa.Table.from_pandas(df, preserve_index=False)
-    shown = [Shown(text_frame(df, floats))]
+    note = note or ("" if len(df) else "No rows: the grid has no cells to tabulate here.")
+    shown = [Shown(text_frame(df, floats), note=note)]
     write_shown(table, prefix, shown, csv=lambda path: df.to_csv(path, index=False))
 
 
@@ -153,6 +155,18 @@ def pivots(table, value: str, fmt: str = "{:.2f}") -> list[Shown]:
     return shown
 
 
-def write_outputs(table, prefix: str | Path, value: str, fmt: str = "{:.2f}") -> None:
-    """``prefix``.parquet, .csv and .md: the table, shown as :func:`pivots` of ``value``."""
-    write_shown(table, prefix, pivots(table, value, fmt))
+def write_outputs(
+    table, prefix: str | Path, value: str, fmt: str = "{:.2f}", note: str = ""
+) -> None:
+    """``prefix``.parquet, .csv and .md: the table, shown as :func:`pivots` of ``value`` (or,
+    without rows, as an empty table) under ``note``: what the table lacks, if anything."""
+    shown = pivots(table, value, fmt) or [empty_shown(note)]
+    shown[0].note = shown[0].note or note
+    write_shown(table, prefix, shown)
+
+
+def empty_shown(note: str = "", columns=("method",)) -> Shown:
+    """How a table without rows is shown: its header under ``note``."""
+    import pandas as pd
+
+    return Shown(pd.DataFrame(columns=list(columns)), note=note or "No cells in this grid.")

@@ -171,7 +171,9 @@ def pass_table(cells):
             | {"mean_target_mass": _mean(ok["mean_target_mass"])}
             | {"mean_distractor_mass": _mean(ok["mean_distractor_mass"])}
         )
-    return pd.DataFrame(rows)
+    columns = CELL_KEYS[:4] + ["cells", "failed_status", "pass_rate", "mean_score"]
+    columns += ["mean_entropy", "mean_target_mass", "mean_distractor_mass"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def _mean(x) -> float:
@@ -202,7 +204,9 @@ def entropy_table(cells):
     rows = [
         {"task": t, "model": m, "method": x} | _failure_stats(g) for t, m, x, g in _groups(cells)
     ]
-    return pd.DataFrame(rows)
+    columns = ["task", "model", "method", "cells", "pass_rate", "mean_score", "entropy_passed"]
+    columns += ["entropy_failed", "auroc_within_length", "auroc_entropy_failure"]
+    return pd.DataFrame(rows, columns=columns + ["auroc_length_failure"])
 
 
 def distractor_table(cells):
