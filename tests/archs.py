@@ -185,6 +185,91 @@ ARCHS: list[Arch] = [
     ),
     Arch("olmoe", "OlmoeConfig", {"num_experts": 4, "num_experts_per_tok": 2}),
     Arch("ernie4.5", "Ernie4_5Config", {**GQA, "head_dim": 16}),
+    # transformers 5.25 moved Falcon onto the attention interface (5.24 was refused at run time)
+    Arch("falcon", "FalconConfig", {"multi_query": True, "parallel_attn": True}),  # Falcon-7B
+    Arch(  # Falcon-40B / 180B: grouped KV heads, two layer norms
+        "falcon-40b",
+        "FalconConfig",
+        {"new_decoder_architecture": True, "num_kv_heads": 2},
+    ),
+    Arch("persimmon", "PersimmonConfig", partial_rotary=True, rotary_dim=8),
+    Arch("nemotron", "NemotronConfig", GQA, partial_rotary=True, rotary_dim=8),
+    Arch("phimoe", "PhimoeConfig", {**GQA, "num_local_experts": 2, "num_experts_per_tok": 1}),
+    Arch(
+        "glm4-moe",
+        "Glm4MoeConfig",
+        {
+            **GQA,
+            "head_dim": 16,
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "first_k_dense_replace": 1,
+            "n_group": 1,
+            "topk_group": 1,
+        },
+        partial_rotary=True,
+        rotary_dim=8,
+    ),  # fmt: skip
+    Arch(
+        "minicpm3",
+        "MiniCPM3Config",
+        {
+            "q_lora_rank": 32,
+            "kv_lora_rank": 16,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 24,
+        },
+        mla=True,
+        rotary_dim=8,
+    ),  # fmt: skip
+    Arch(
+        "modernbert-decoder",
+        "ModernBertDecoderConfig",
+        {
+            "num_key_value_heads": None,
+            "local_attention": 2 * WINDOW,
+            "global_attn_every_n_layers": 2,
+            "initializer_range": 0.1,
+        },  # its 0.02 leaves logits of 0.2, too flat to compare
+        sliding=True,
+        layer_type_rope=True,
+    ),
+    # hybrids: attention layers with RoPE beside recurrent (Mamba, linear attention, conv) ones
+    Arch(
+        "falcon-h1",
+        "FalconH1Config",
+        {
+            **GQA,
+            "head_dim": 16,
+            "mamba_n_heads": 4,
+            "mamba_d_head": 16,
+            "mamba_d_ssm": 64,
+            "mamba_d_state": 16,
+            "mamba_chunk_size": 16,
+        },
+    ),  # fmt: skip
+    Arch(
+        "qwen3-next",
+        "Qwen3NextConfig",
+        {
+            **GQA,
+            "head_dim": 16,
+            "layer_types": ["linear_attention", "full_attention"],
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 32,
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4,
+            "linear_key_head_dim": 16,
+            "linear_value_head_dim": 16,
+        },
+        partial_rotary=True,
+        rotary_dim=4,
+    ),  # fmt: skip
+    Arch("lfm2", "Lfm2Config", {**GQA, "layer_types": ["conv", "full_attention"]}),
     Arch(
         "gpt2",
         "GPT2Config",
@@ -203,14 +288,35 @@ ARCHS: list[Arch] = [
         base=False,
     ),
 ]
-BY_NAME = {a.name: a for a in ARCHS}
+#: architectures refused at plan time as a whole (ropelens.architectures.UNSTUDIED), with the
+#: model_type the refusal keys on; not rows of the matrix
+REFUSED_ARCHS: list[Arch] = [
+    Arch(
+        "gpt-oss",
+        "GptOssConfig",
+        {**GQA, "head_dim": 16, "num_local_experts": 2, "num_experts_per_tok": 1, **SLIDE2},
+    ),
+    Arch("diffllama", "DiffLlamaConfig"),
+    Arch(
+        "minimax",
+        "MiniMaxConfig",
+        {
+            **GQA,
+            "head_dim": 16,
+            "layer_types": ["linear_attention", "full_attention"],
+            "num_local_experts": 2,
+            "num_experts_per_tok": 1,
+        },
+    ),  # fmt: skip
+]
+BY_NAME = {a.name: a for a in ARCHS + REFUSED_ARCHS}
 ROPE_ARCHS = [a for a in ARCHS if a.has_rope]
 
 # q/k projections by module name (scaled to make attention peaked); MLA's q_b_proj, kv_b_proj and
 # kv_a_proj_with_mqa (its rotary key part is not normalised); q/k norms where the projection's scale
 # is normalised away (Qwen3, OLMo2, Gemma3)
 _QK = ("q_proj", "k_proj", "q_b_proj", "kv_b_proj", "kv_a_proj_with_mqa", "query_key_value")
-_QK += ("qkv_proj", "c_attn", "q_norm", "k_norm", "q_layernorm", "k_layernorm")
+_QK += ("qkv_proj", "Wqkv", "c_attn", "q_norm", "k_norm", "q_layernorm", "k_layernorm")
 
 
 def build(name: str, seed: int = 0, peaked: bool = True, attn_implementation: str = "eager"):
@@ -236,7 +342,7 @@ def _peak(model) -> None:
             kind = type(mod).__name__
             if "Norm" not in kind:
                 mod.weight.mul_(PEAK)
-            elif "Gemma" in kind:
+            elif "Gemma" in kind or not mod.weight.any():  # zero-centred: scale by (1 + weight)
                 mod.weight.add_(1).mul_(NORM_PEAK).sub_(1)  # Gemma norms scale by (1 + weight)
             else:
                 mod.weight.mul_(NORM_PEAK)
@@ -251,6 +357,14 @@ def write(name: str, out_dir: str | Path, seed: int = 0, peaked: bool = True) ->
     model.save_pretrained(out)
     build_byte_tokenizer().save_pretrained(out)
     return out
+
+
+def attention_layers(model) -> list[int]:
+    """Layer indices of the model's attention modules, in forward order (all layers, except in
+    hybrids, whose recurrent or convolution layers have no attention)."""
+    from ropelens.positions import attention_modules
+
+    return [m.layer_idx for m in attention_modules(model)]
 
 
 def max_attention(model, length: int = 48, seed: int = 0) -> list[float]:

@@ -608,10 +608,27 @@ def test_outside_block_eager_where_the_model_has_no_sdpa():
     assert (short - short_ref).abs().max().item() < 1e-5
 
 
+def _own_attention_code(model):
+    """Layer 1 computes its attention in its own code, without the attention interface (as
+    Falcon did before transformers 5.25): SDPA called directly on its projections."""
+    attn = model.model.layers[1].self_attn
+
+    def forward(hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        b, n, _ = hidden_states.shape
+        shape = (b, n, -1, attn.head_dim)
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        q, k, v = (p(hidden_states).view(shape).transpose(1, 2) for p in projections)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return attn.o_proj(out.transpose(1, 2).reshape(b, n, -1)), None
+
+    attn.forward = forward
+    return model
+
+
 @pytest.mark.parametrize(
     "config,match",
     [
-        ("FalconConfig", "without transformers' attention interface"),  # its own attention code
+        ("LlamaConfig", "without transformers' attention interface"),  # its own attention code
         ("DiffLlamaConfig", "more than once per layer"),  # two softmaxes per layer
     ],
 )
@@ -626,6 +643,8 @@ def test_refuses_layers_it_cannot_see_as_one_distribution(config, match):
         num_attention_heads=4, num_key_value_heads=4,
     )  # fmt: skip
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    if config == "LlamaConfig":
+        model = _own_attention_code(model)
     x = ids(1, 12)
     with torch.no_grad():
         before = model(x).logits

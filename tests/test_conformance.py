@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ropelens import methods, models
+from ropelens import architectures, methods, models
 from ropelens.errors import ConfigError
 from tests import archs
 from tests.test_methods import (
@@ -38,7 +38,7 @@ def test_arch_builds_peaked_and_round_trips(name, tmp_path):
     flat = archs.max_attention(archs.build(name, peaked=False))
     peaked = archs.max_attention(model)
     uniform = float(torch.mean(1.0 / torch.arange(1, 49)))
-    assert len(peaked) == model.config.num_hidden_layers
+    assert len(peaked) == len(archs.attention_layers(model))
     for p, f in zip(peaked, flat, strict=True):
         assert p > 2.0 * uniform and p > 1.5 * f, (peaked, flat, uniform)
     out = archs.write(name, tmp_path / name)
@@ -86,6 +86,16 @@ REFUSED = {
         "grows with the sequence length",
         "LongRoPE factors cannot express",
     ),
+    # PhiMoE needs short_mscale / long_mscale for any rope type but default (its rotary module
+    # then scales by them instead of the method's attention factor, and recomputes frequencies
+    # from the config on every forward): refused, as transformers' line says
+    **{
+        ("phimoe", m): (
+            "PhimoeConfig refuses a scaled rope type without short_mscale (its LongRoPE form too)",
+            "short_mscale field must be a number",
+        )
+        for m in ("pi", "dynamic-ntk", "yarn", "ntk-by-parts", "llama3", "longrope", "p-rope")
+    },
     **{
         (a.name, "p-rope"): (PARTIAL, "heads rotate only a fraction")
         for a in archs.ROPE_ARCHS
@@ -99,6 +109,8 @@ CANNOT_MOVE = {
     **{n: "multi-head latent attention" for n in ("deepseek-v2", "deepseek-v3")},
     **{n: "layers without RoPE" for n in ("smollm3", "llama4")},
     **{n: "RoPE on some of its layers only" for n in ("exaone4", "cohere2")},
+    **{n: "RoPE under a condition" for n in ("falcon", "falcon-40b")},  # not with ALiBi
+    **{n: "multi-head latent attention" for n in ("minicpm3",)},
 }
 ATTENTION_SIDE = [m for m in methods.known() if methods.REGISTRY[m].side == "attention"]
 FREQUENCY_SIDE = [m for m in methods.known() if m not in ATTENTION_SIDE]
@@ -106,6 +118,10 @@ for _name, _why in CANNOT_MOVE.items():
     for _m in ATTENTION_SIDE:
         REFUSED[(_name, _m)] = (f"its RoPE cannot be moved ({_why})", _why)
 NO_ROPE = {a.name: "no rotary position embedding" for a in archs.ARCHS if not a.has_rope}
+#: architectures refused as a whole (ropelens.architectures.UNSTUDIED) -> the reason
+UNSTUDIED = {
+    a.name: architectures.UNSTUDIED[a.make_config().model_type] for a in archs.REFUSED_ARCHS
+}
 
 
 def params_of(name: str, method: str) -> dict:
@@ -228,7 +244,7 @@ def test_method_is_its_formula_over_the_rotary_dimension(name, method, arch_dir)
         assert attention == pytest.approx(ref_attention, rel=1e-6), (layer_type, attention)
 
 
-@pytest.mark.parametrize("name", ROPE_NAMES)
+@pytest.mark.parametrize("name", [n for n in ROPE_NAMES if (n, "yarn") not in REFUSED])
 def test_auto_factor_is_applied_at_the_cells_length(name, arch_dir):
     """``factor: auto`` (s = max(1, L / P)) through a cell spec at length L: YaRN at 8P is YaRN at
     factor 8, PI at P / 2 is plain RoPE; the recorded factor is the one used."""
@@ -357,11 +373,21 @@ def eager(model_dir):
     return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
 
 
-def eager_probs(model, seq) -> list:
-    """Per layer (heads, queries, keys) float64 eager attention of one uncached forward."""
+def eager_probs(model, seq) -> dict:
+    """Layer index -> (heads, queries, keys) float64 eager attention of one uncached forward,
+    for every attention layer (a hybrid's recurrent or convolution layers have none)."""
     with torch.no_grad():
         out = model(torch.tensor([seq]), output_attentions=True, use_cache=False)
-    return [a[0].double().numpy() for a in out.attentions]
+    return by_layer(model, out.attentions)
+
+
+def by_layer(model, attentions) -> dict:
+    """Layer index -> (heads, queries, keys) float64 of a forward's ``attentions``."""
+    probs = [a[0].double().numpy() for a in attentions]
+    layers = archs.attention_layers(model)
+    if len(probs) == model.config.num_hidden_layers:  # one per layer (MiniMax: linear ones too)
+        return {i: probs[i] for i in layers}
+    return dict(zip(layers, probs, strict=True))
 
 
 def reference(probs, spec, queries):
@@ -369,7 +395,7 @@ def reference(probs, spec, queries):
     ``queries``: (q, total) pairs, query q seeing keys 0..q of the ``total`` keys of its call (a
     prefill of L: total L; a decoding step: q + 1), position bins of k / total."""
     rows = []
-    for layer, a in enumerate(probs):
+    for layer, a in probs.items():
         for h in range(a.shape[0]):
             ent, pos, dist, span, last = [], 0.0, 0.0, 0.0, math.nan
             for q, total in queries:
@@ -441,7 +467,7 @@ def test_attention_cell_statistics_equal_eager(name, arch_dir, kernel):
     )
     with torch.no_grad(), record_attention(model, spec) as rec:
         model(torch.tensor([seq]))
-    assert rec.chunks > 2 * model.config.num_hidden_layers
+    assert rec.chunks > 2 * len(archs.attention_layers(model))
     queries = [(q, LENGTH) for q in range(10, LENGTH)]
     assert_matches(rec.table(), reference(probs, spec, queries))
     # the attention cell: last half of the document's queries, position and distance bins
@@ -509,6 +535,7 @@ def test_logits_equal_the_models_own_attention(name, arch_dir):
     within 1e-5; where the model has a sliding window or soft-capping, dropping it would change
     them by far more (so the comparison can fail)."""
     from ropelens.attention import ATTN_IMPLEMENTATION, StatsSpec, record_attention
+    from ropelens.positions import attention_modules
 
     arch = archs.BY_NAME[name]
     model = load_plain(arch_dir(name), name).model
@@ -535,8 +562,9 @@ def test_logits_equal_the_models_own_attention(name, arch_dir):
         plain = run()
     finally:
         model.set_attn_implementation(native)
-    torch.testing.assert_close(recorded, own, rtol=0, atol=1e-5)
-    torch.testing.assert_close(plain, own, rtol=0, atol=1e-5)
+    tol = 1e-5 * max(1.0, float(own.abs().max()))  # fp32: MiniCPM3's logits reach 12
+    torch.testing.assert_close(recorded, own, rtol=0, atol=tol)
+    torch.testing.assert_close(plain, own, rtol=0, atol=tol)
     changed = {}
     if arch.sliding:
         changed["sliding_window"] = 10**6
@@ -544,8 +572,7 @@ def test_logits_equal_the_models_own_attention(name, arch_dir):
         changed["attn_logit_softcapping"] = None
     for key, value in changed.items():
         setattr(model.config, key, value)
-        for layer in model.model.layers:
-            attn = layer.self_attn
+        for attn in attention_modules(model):
             if key == "sliding_window" and getattr(attn, "sliding_window", None):
                 attn.sliding_window = value
             if key == "attn_logit_softcapping":
@@ -645,7 +672,7 @@ def moved_reference(model_dir, label: str, seq):
     finally:
         modeling.apply_rotary_pos_emb = own
     assert not _STASH
-    return out.logits[0], [a[0].double().numpy() for a in out.attentions]
+    return out.logits[0], by_layer(model, out.attentions)
 
 
 #: (architecture, method label, compiled row kernel): STRING, added last, differs from the others
@@ -680,7 +707,7 @@ def test_attention_side_method_equals_eager_at_explicit_positions(name, label, a
         ours = loaded.model(torch.tensor([seq])).logits[0]
         plain = load_plain(d, name).model(torch.tensor([seq])).logits[0]
     torch.testing.assert_close(ours, ref_logits, rtol=0, atol=1e-4)
-    assert (plain - ref_logits).abs().max() > 1e-2
+    assert (plain - ref_logits).abs().max() > 1e-3  # ten times the tolerance
     settings = dict(
         documents=1, query_fraction=0.5, position_bins=8, distance_bins=7, memory_budget_mb=1
     )
@@ -722,7 +749,7 @@ TABLE_START, TABLE_END = "<!-- architectures:start -->", "<!-- architectures:end
 def outcome(name: str, method: str) -> str:
     """A matrix cell as the README shows it: ✓, ✓ (LongRoPE) or refused."""
     arch = archs.BY_NAME[name]
-    if not arch.has_rope:
+    if not arch.has_rope or name in UNSTUDIED:
         return "refused"
     try:
         applied = methods.apply_method(arch.make_config(), method, params_of(name, method), P)
@@ -749,6 +776,8 @@ def _layer_types(arch) -> str:
 def _notes(arch) -> str:
     if arch.name in NO_ROPE:
         return f"refused at plan time: {NO_ROPE[arch.name]}"
+    if arch.name in UNSTUDIED:
+        return f"refused at plan time: {UNSTUDIED[arch.name]}"
     notes = [f"`{m}` refused: {why}" for (a, m), (why, _) in REFUSED.items() if a == arch.name]
     longrope = [f"`{m}`" for (a, m), how in EXPRESSED.items() if a == arch.name and how]
     if longrope:
@@ -764,7 +793,7 @@ def render_table() -> str:
     head = ["architecture", "config class", "RoPE layer types", "rotary / head dim (tiny)", *known]
     lines = ["| " + " | ".join([*head[:4], *(f"`{m}`" for m in known), "notes"]) + " |"]
     lines.append("|" + "---|" * (len(head) + 1))
-    for arch in archs.ARCHS:
+    for arch in archs.ARCHS + archs.REFUSED_ARCHS:
         kw = arch.config_kwargs()
         head_dim = kw.get("head_dim") or kw.get("hidden_size", 0) // kw.get(
             "num_attention_heads", 1
@@ -811,6 +840,46 @@ def test_layer_types_of_a_method_entry_reach_the_model(arch_dir):
     for layer_type, theta in base_thetas(archs.BY_NAME["gemma3"]).items():
         inv, _ = model_rope(loaded.model, layer_type, "pi")
         assert_rel(inv, formula("pi", 16, theta)[0], layer_type)
+
+
+# --- architectures refused as a whole: the reason is true of the tiny model, and it is one line
+
+
+@pytest.mark.parametrize("name", list(UNSTUDIED))
+def test_unstudied_architecture_is_refused_at_plan_time_and_at_load(name, arch_dir):
+    from ropelens import config
+    from ropelens.errors import RopelensError
+
+    entry = {name: {"path": str(arch_dir(name)), "pretrained_length": P}}
+    with pytest.raises(ConfigError) as err:
+        config.prepare(grid(entry, {"rope": {}}))
+    text = str(err.value)
+    assert "\n" not in text and text.startswith(f"models.{name}: "), text
+    assert UNSTUDIED[name] in text and text.endswith("remove it from models"), text
+    with pytest.raises(RopelensError, match="cannot be studied"):  # a hub model not cached
+        models.configured(spec_of(arch_dir(name), name, "rope"))
+
+
+@pytest.mark.parametrize("name", ["gpt-oss", "diffllama"])
+def test_unstudied_attention_is_refused_when_recorded(name):
+    """What the plan-time reason says: recording this attention would not be one softmax."""
+    from ropelens.attention import UnsupportedAttention, record_attention
+
+    model = archs.build(name)
+    with torch.no_grad(), pytest.raises(UnsupportedAttention), record_attention(model):
+        model(torch.tensor([prompt_ids(12)]))
+
+
+def test_minimax_decodes_differently_from_its_uncached_forward():
+    """MiniMax's reason: its own cached decoding is not its uncached forward (far beyond the
+    1e-4 the needle statistics are checked to), so eager attention cannot be the reference."""
+    model = archs.build("minimax")
+    seq = torch.tensor([prompt_ids(LENGTH)])
+    with torch.no_grad():
+        full = model(seq, use_cache=False).logits[0]
+        out = model(seq[:, :-2], use_cache=True)
+        step = model(seq[:, -2:-1], past_key_values=out.past_key_values, use_cache=True)
+    assert (step.logits[0, -1] - full[-2]).abs().max() > 1e-3
 
 
 if __name__ == "__main__":

@@ -73,9 +73,24 @@ def describe(model_config) -> Architecture:
     )
 
 
+#: model_type -> why its attention cannot be recorded as what the model computes; refused at plan
+#: time (tests/test_conformance.py checks each reason against the tiny model)
+UNSTUDIED = {
+    "gpt_oss": "its attention adds learned sink logits (s_aux) to every softmax, which the "
+    "statistics do not model",
+    "diffllama": "its attention subtracts two softmaxes per layer (differential attention), "
+    "not one distribution per head",
+    "minimax": "its linear-attention layers decode differently from its own uncached forward, so "
+    "its needle statistics cannot be checked against eager attention",
+}
+
+
 def _no_rope(model_config, layers: dict) -> str:
-    """Why the config has no RoPE ropelens can rescale ('' when it has)."""
+    """Why the config has no RoPE ropelens can rescale, or cannot be studied ('' when fine)."""
     name = type(model_config).__name__
+    why = UNSTUDIED.get(getattr(model_config, "model_type", None))
+    if why:
+        return f"{name} cannot be studied: {why}"
     if not layers:
         return methods.no_rope_reason(model_config)
     if getattr(model_config, "alibi", False):
@@ -91,9 +106,8 @@ def check_model(label: str, model_config, pretrained_length: int) -> Architectur
     arch = describe(model_config)
     where = f"models.{label}"
     if not arch.rope:
-        raise ConfigError(
-            f"{where}: {arch.reason}; ropelens studies RoPE models — remove it from models"
-        )
+        advice = "" if arch.model_type in UNSTUDIED else "ropelens studies RoPE models — "
+        raise ConfigError(f"{where}: {arch.reason}; {advice}remove it from models")
     if arch.original_positions and pretrained_length != arch.original_positions:
         raise ConfigError(
             f"{where}.pretrained_length: {pretrained_length}, but its config's "

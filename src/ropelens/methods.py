@@ -755,7 +755,7 @@ def _apply_validated(model_config, spec, base, layer_type, name, where, model) -
     try:
         apply(model_config, spec, layer_type)
         return None
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         refusal = _first_line(e)
         for key, value in saved.items():
             setattr(model_config, key, value)
@@ -764,7 +764,7 @@ def _apply_validated(model_config, spec, base, layer_type, name, where, model) -
         try:
             apply(model_config, longrope, layer_type)
             return "longrope"
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, TypeError):
             for key, value in saved.items():
                 setattr(model_config, key, value)
     kind = spec.rope_parameters["rope_type"]

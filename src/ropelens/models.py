@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ropelens import methods
+from ropelens.architectures import UNSTUDIED
 from ropelens.atomic import atomic_path
 from ropelens.errors import RopelensError
 
@@ -76,6 +77,9 @@ def configured(spec: dict):
     except (OSError, ValueError) as e:  # not there / not a model transformers knows
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RopelensError(f"cannot load model config '{name}': {first}") from None
+    why = UNSTUDIED.get(getattr(config, "model_type", None))
+    if why:  # refused at plan time where the config was at hand (ropelens.architectures)
+        raise RopelensError(f"model '{name}' ({type(config).__name__}) cannot be studied: {why}")
     if not spec.get("apply", True):
         return config, None
     applied = methods.apply_method(

@@ -182,7 +182,10 @@ def layout_problem(model_config, rotary, layer_types, rope_kinds: dict, head: in
     if rotary is None or apply is None:
         return f"{name}'s attention does not rotate through apply_rotary_pos_emb"
     if _conditional_rope(attention):
-        return f"{name} applies RoPE on some of its layers only (its attention's forward)"
+        return (
+            f"{name} applies RoPE under a condition in its attention's forward (RoPE on some of "
+            "its layers only, or not with ALiBi)"
+        )
     for layer_type in layer_types or [None]:
         if not _probe(rotary, apply, head, layer_type):
             return (
