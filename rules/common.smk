@@ -30,6 +30,9 @@ except ConfigError as e:
 validate(config, str(rlconfig.SCHEMA_PATH))
 # a cell file that lost its end (same mtime) is not "up to date": name it before planning
 if workflow.is_main_process:
+    in_the_way = preflight.files_in_the_way()
+    if in_the_way:
+        sys.exit(f"ropelens: error: {in_the_way}")
     damaged = preflight.damaged_cells("results")
     if damaged:
         sys.exit(
@@ -39,7 +42,12 @@ if workflow.is_main_process:
 
 
 onstart:
-    # a real run (not -n): what it downloads must be in the cache when the hub is offline
+    # a real run (not -n): the folders its jobs write can be written (a read-only results
+    # folder is one line here, not an OSError of the first job) ...
+    problem = preflight.unwritable(run_outputs(workflow.dag))
+    if problem:
+        sys.exit(f"ropelens: error: {problem}")
+    # ... and what it downloads must be in the cache when the hub is offline
     problems = preflight.offline_problems(config, needed_from_hub(workflow.dag))
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -302,6 +310,11 @@ def needed_from_hub(dag):
             corpora.add(wc["corpus"])
     models |= {m for m, _ in pairs}
     return preflight.hub_needs(config, sorted(pairs), sorted(models), sorted(corpora))
+
+
+def run_outputs(dag):
+    """The files the jobs of this run will write: their outputs and logs."""
+    return [str(f) for job in dag.needrun_jobs() for f in [*job.output, *job.log]]
 
 
 def failed_job_lines(workflow):

@@ -440,3 +440,100 @@ def test_a_json_argument_lacking_the_key_is_not_blamed_for_a_lookup_elsewhere(
     assert main(argv) == 1
     line = _error_line(capsys)
     assert f"aggregate-attention: internal error for {prefix}: KeyError: 'model'" in line
+
+
+# --- a results folder the run cannot write: one line before any job -----------------------------
+
+
+def test_a_file_where_the_results_folder_must_be_is_refused(tmp_path):
+    from ropelens import preflight
+
+    (tmp_path / "results").write_text("not a folder")
+    cell = tmp_path / "results/ppl/model=m/method=rope/length=64.parquet"
+    line = preflight.unwritable([str(cell)])
+    assert line.startswith(f"cannot write '{cell}': '{tmp_path / 'results'}' is a file, not a")
+    with pytest.raises(NotADirectoryError):  # what the job would meet, as root too
+        cell.parent.mkdir(parents=True)
+
+
+def test_writable_folders_pass_and_keep_nothing_of_the_check(tmp_path):
+    from ropelens import preflight
+
+    (tmp_path / "logs").mkdir()
+    paths = [tmp_path / "results/tables/ppl.md", tmp_path / "logs/report/ppl.log"]
+    assert preflight.unwritable([str(p) for p in paths]) is None
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["logs"]
+
+
+def test_a_folder_without_write_permission_is_refused_unless_the_user_can_write_it(tmp_path):
+    """Root writes through a chmod: the check refuses only what the jobs could not do."""
+    import os
+
+    from ropelens import preflight
+
+    folder = tmp_path / "results"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        line = preflight.unwritable([str(folder / "tables/ppl.md")])
+        if os.geteuid() == 0:
+            assert line is None
+            (folder / "written-by-root").write_text("x")  # as the jobs would
+        else:
+            assert f"'{folder}' cannot be written (Permission denied)" in line
+    finally:
+        folder.chmod(0o755)
+
+
+def read_only(folder, *cmd, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``cmd`` with ``folder`` mounted read-only (a private mount namespace: root cannot
+    write there either); skip where this machine cannot make one."""
+    script = 'mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" && shift && exec "$@"'
+    probe = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script, "sh", str(folder), "true"], capture_output=True
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"no read-only bind mount here (unshare -rm): {probe.stderr[-200:]!r}")
+    argv = ["unshare", "-rm", "sh", "-c", script, "sh", str(folder), *cmd]
+    return subprocess.run(argv, capture_output=True, text=True, **kwargs)
+
+
+def test_a_read_only_results_folder_is_refused(tmp_path):
+    (tmp_path / "results").mkdir()
+    code = "import sys; from ropelens import preflight; print(preflight.unwritable(sys.argv[1:]))"
+    cell = str(tmp_path / "results/ppl/model=m/method=rope/length=64.parquet")
+    proc = read_only(tmp_path / "results", sys.executable, "-c", code, cell, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "results' cannot be written (Read-only file system)" in proc.stdout
+
+
+def _refused_before_any_job(proc, workdir, expect: str) -> None:
+    err = [ln for ln in proc.stderr.splitlines() if ln.startswith("ropelens:")]
+    assert proc.returncode != 0 and len(err) == 1, proc.stderr[-3000:]
+    assert err[0].startswith("ropelens: error: cannot write ") and expect in err[0], err[0]
+    assert "Traceback" not in proc.stderr and "OSError" not in proc.stderr
+    assert not (workdir / "logs").exists() and not (workdir / "resources").exists()
+
+
+@pytest.mark.workflow
+@pytest.mark.parametrize("args", [["-n"], ["-c1"]])
+def test_snakemake_refuses_a_results_file_before_planning(tmp_path, snakemake, args):
+    """Snakemake itself would stop with a NotADirectoryError traceback while building the DAG."""
+    (tmp_path / "results").write_text("not a folder")
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(MICRO))
+    proc = snakemake(tmp_path, "--configfile", str(tmp_path / "grid.yaml"), *args, check=False)
+    err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode != 0 and len(err) == 1, proc.stderr[-3000:]
+    assert err[0].startswith("ropelens: error: 'results' is a file, not a folder, but the work")
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.workflow
+def test_snakemake_refuses_a_read_only_results_folder_before_any_job(tmp_path):
+    from .conftest import snakemake_bin
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(MICRO))
+    argv = [snakemake_bin(), "-s", str(REPO / "Snakefile"), "--configfile", "grid.yaml", "-c1"]
+    proc = read_only(tmp_path / "results", *argv, cwd=tmp_path, timeout=600)
+    _refused_before_any_job(proc, tmp_path, "'results' cannot be written (Read-only file system)")

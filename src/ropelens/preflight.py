@@ -5,7 +5,8 @@ model directories are complete (config.json, a tokenizer, weight files present a
 by a safetensors header / zip directory check, never a full load), and no config is accepted that
 would produce results labelled as something they are not. :func:`offline_problems` runs before a
 real run submits any job (the Snakefile's ``onstart``): under ``HF_HUB_OFFLINE=1`` every hub model
-and ``datasets`` corpus the run needs must be in the local cache. :func:`damaged_cells` finds cell
+and ``datasets`` corpus the run needs must be in the local cache, and :func:`unwritable` names a
+folder the run's jobs cannot write (a read-only results folder). :func:`damaged_cells` finds cell
 files that lost their end (a truncated copy, a full disk) even when their mtime did not change.
 Every problem is one :class:`~ropelens.errors.ConfigError` line naming the key and the fix.
 """
@@ -213,6 +214,68 @@ def _dataset_missing(key: str, corpus: dict) -> str | None:
         f"{key}.dataset: '{name}' is not in the Hugging Face cache and HF_HUB_OFFLINE=1; "
         f"fetch it on a login node: huggingface-cli download --repo-type dataset {name}"
     )
+
+
+# --- folders a run cannot write, before its first job (the Snakefile's onstart) ------------------
+
+
+def unwritable(paths) -> str | None:
+    """Why a run cannot write ``paths`` (the outputs and logs of its jobs), in one line, or None.
+
+    The nearest existing folder of each path is tried with a real write (a file created and
+    removed), so the verdict is what the jobs would meet: a read-only mount, a folder without
+    permission for this user (root's writes pass chmod, and so does this check), a file where a
+    folder must be."""
+    nearest: dict = {}
+    for path in paths:
+        folder = Path(path).parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        nearest.setdefault(folder, path)
+    for folder, path in nearest.items():
+        why = _not_a_folder(folder) or _write_problem(folder)
+        if why:
+            return (
+                f"cannot write '{path}': {why}; make the folder writable (or give the run another "
+                "working directory with --directory) and rerun — no job was started"
+            )
+    return None
+
+
+WORK_FOLDERS = ("results", "logs", "resources")  # where the workflow's jobs write
+
+
+def files_in_the_way(folders=WORK_FOLDERS) -> str | None:
+    """A file where one of the workflow's folders must be, in one line (Snakemake itself would
+    stop with a traceback while it builds the plan), or None. Plan time, every run."""
+    for folder in folders:
+        why = _not_a_folder(Path(folder))
+        if why:
+            return (
+                f"{why}, but the workflow writes under {folder}/; move it away (or give the run "
+                "another working directory with --directory)"
+            )
+    return None
+
+
+def _not_a_folder(path: Path) -> str | None:
+    """``path`` or a folder above it that is a file (writes under it fail: not a directory)."""
+    for part in [path, *path.parents]:
+        if part.exists() and not part.is_dir():
+            return f"'{part}' is a file, not a folder"
+    return None
+
+
+def _write_problem(folder: Path) -> str | None:
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(prefix=".ropelens-write-check-", dir=folder)
+    except OSError as e:
+        return f"'{folder}' cannot be written ({e.strerror or type(e).__name__})"
+    os.close(fd)
+    os.unlink(name)
+    return None
 
 
 # --- cells whose file lost its end ---------------------------------------------------------------
