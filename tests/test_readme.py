@@ -34,6 +34,8 @@ PAPER = "snakemake --profile profiles/slurm --configfile configs/paper.yaml"
 HOW = {
     "make run": "make",
     "make test": "make",
+    "make upgrade-check": "make",
+    "make lock": "make",
     f"{PAPER} -n": "dry",
     PAPER: "dry",
     f"{PAPER} --default-resources slurm_account=my_account slurm_partition=gpu": "dry",

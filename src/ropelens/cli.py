@@ -7,6 +7,7 @@ no subcommand leaves a partial output file behind.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -233,7 +234,17 @@ def _cell_metadata(spec: dict, loaded, load_s: float, compute_s: float) -> dict:
         "ropelens.load_seconds": f"{load_s:.3f}",
         "ropelens.compute_seconds": f"{compute_s:.3f}",
         "ropelens.version": __version__,
+        "ropelens.packages": _packages(),  # the report compares them with the lock
     }
+
+
+@functools.cache
+def _packages() -> str:
+    """JSON of the library versions this process computes with (once per process: a warm
+    runner's forks inherit it)."""
+    from ropelens.provenance import package_versions
+
+    return json.dumps(package_versions())
 
 
 def cmd_attention(args) -> int:
@@ -312,6 +323,7 @@ def cmd_report(args) -> int:
         results_dir=args.results,
         models_dir=args.models,
         title=args.title,
+        lock=args.lock,
     )
     kb = out.stat().st_size / 1024
     print(f"wrote {out} ({kb:,.0f} KiB) from {len(args.files)} aggregate files", file=sys.stderr)
@@ -657,6 +669,7 @@ def _report_command(sub) -> None:
     s.add_argument("--results", help="results folder whose cells' metadata give wall times")
     s.add_argument("--models", help="folder searched for toy training summaries (wall time)")
     s.add_argument("--title", default="ropelens report", help="page title")
+    s.add_argument("--lock", help="requirements lock the package versions are compared with")
     s.set_defaults(func=cmd_report)
 
 

@@ -24,6 +24,7 @@ PACKAGES = (
     "pyarrow",
     "pandas",
     "numpy",
+    "numba",
     "altair",
     "vl-convert-python",
     "datasets",
@@ -48,6 +49,46 @@ def package_versions(names=PACKAGES) -> dict[str, str]:
             out[name] = "not installed"
     out["ropelens"] = out.get("ropelens") or __version__
     return out
+
+
+def locked_versions(lock: str | os.PathLike, environment: dict | None = None) -> dict[str, str]:
+    """Package -> version pinned by a requirements lock (``requirements/lock.txt``: ``name==v``
+    lines, with an environment marker where the pin holds only on some platforms or Pythons),
+    for ``environment`` (packaging's marker variables; default: this interpreter's)."""
+    import re
+
+    from packaging.markers import Marker
+
+    pins = {}
+    for line in Path(lock).read_text(encoding="utf-8").splitlines():
+        m = re.match(r"([A-Za-z0-9._-]+)==([^ ;\\]+)\s*(?:;\s*([^\\]+?))?\s*\\?$", line)
+        if m and (m[3] is None or Marker(m[3]).evaluate(environment)):
+            pins[canonical_name(m[1])] = m[2]
+    return pins
+
+
+def canonical_name(name: str) -> str:
+    """PyPI's normalised project name (``vl_convert.python`` -> ``vl-convert-python``)."""
+    import re
+
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def lock_check(lock: str | os.PathLike | None, versions: dict[str, str], cells: dict) -> list:
+    """(package, locked, this machine, cells, verdict) per package of ``versions`` (this
+    machine's) and ``cells`` (package -> versions the cells recorded), against the lock."""
+    pins = locked_versions(lock) if lock and Path(lock).is_file() else None
+    rows = []
+    for name in sorted(set(versions) | set(cells)):
+        here, used = versions.get(name, "—"), sorted(cells.get(name, ()))
+        pin = (pins or {}).get(canonical_name(name))
+        seen = {here} | set(used) if here != "—" else set(used)
+        if pins is None or pin is None:
+            verdict = "not in the lock" if pins is not None else "no lock"
+        else:
+            verdict = "matches" if seen <= {pin} else "differs"
+        rows.append((name, pin or "—", here, ", ".join(used) or "—", verdict))
+    return rows
 
 
 def hardware() -> dict[str, str]:
@@ -105,8 +146,6 @@ _SKIP_DIRS = {"tables", "figures", "data"}
 def stage_times(results: Path | None, models: Path | None = None) -> list[dict]:
     """Wall time per stage: cells per top-level folder of ``results`` (from their Parquet metadata)
     and toy training runs under ``models`` (from ``ropelens_train.json``)."""
-    import pyarrow.parquet as pq
-
     rows: list[dict] = []
     if models is not None and Path(models).is_dir():
         runs = sorted(Path(models).rglob("ropelens_train.json"))
@@ -130,20 +169,9 @@ def stage_times(results: Path | None, models: Path | None = None) -> list[dict]:
                     devices=", ".join(sorted(devices)) or "—",
                 )
             )
-    if results is None or not Path(results).is_dir():
-        return rows
-    for folder in sorted(p for p in Path(results).iterdir() if p.is_dir()):
-        if folder.name in _SKIP_DIRS:
-            continue
+    for folder, metas in _cell_metadata(results):
         n, load, compute, devices = 0, 0.0, 0.0, {}
-        for cell in sorted(folder.rglob("*.parquet")):
-            try:
-                meta = pq.read_schema(cell).metadata or {}
-            except Exception:
-                continue
-            meta = {k.decode(): v.decode() for k, v in meta.items()}
-            if "ropelens.compute_seconds" not in meta:
-                continue
+        for meta in metas:
             n += 1
             load += float(meta.get("ropelens.load_seconds", 0) or 0)
             compute += float(meta["ropelens.compute_seconds"] or 0)
@@ -161,6 +189,38 @@ def stage_times(results: Path | None, models: Path | None = None) -> list[dict]:
                 )
             )
     return rows
+
+
+def _cell_metadata(results: Path | None):
+    """(stage folder, [metadata of each cell in it]) under ``results``: the Parquet files whose
+    metadata a cell command wrote (``ropelens.compute_seconds``)."""
+    import pyarrow.parquet as pq
+
+    if results is None or not Path(results).is_dir():
+        return
+    for folder in sorted(p for p in Path(results).iterdir() if p.is_dir()):
+        if folder.name in _SKIP_DIRS:
+            continue
+        metas = []
+        for cell in sorted(folder.rglob("*.parquet")):
+            try:
+                meta = pq.read_schema(cell).metadata or {}
+            except Exception:
+                continue
+            meta = {k.decode(): v.decode() for k, v in meta.items()}
+            if "ropelens.compute_seconds" in meta:
+                metas.append(meta)
+        yield folder, metas
+
+
+def cell_packages(results: Path | None) -> dict[str, set[str]]:
+    """Package -> the versions the cells under ``results`` recorded (``ropelens.packages``)."""
+    found: dict[str, set[str]] = {}
+    for _, metas in _cell_metadata(results):
+        for meta in metas:
+            for name, version in json.loads(meta.get("ropelens.packages", "{}")).items():
+                found.setdefault(name, set()).add(version)
+    return found
 
 
 def gguf_sources(models: Path | None) -> list[tuple]:

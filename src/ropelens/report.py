@@ -438,8 +438,39 @@ def _seconds(s) -> str:
     return "—" if s is None else f"{s:,.1f}"
 
 
+def packages_html(results: Path | None, lock: Path | None) -> str:
+    """Library versions of this machine and of the cells, against the lock CI passed with."""
+    rows = provenance.lock_check(
+        lock, provenance.package_versions(), provenance.cell_packages(results)
+    )
+    differ = [r[0] for r in rows if r[4] == "differs"]
+    if lock is None or not Path(lock).is_file():
+        verdict = "No lock given (<code>--lock</code>): versions are not compared."
+    elif differ:
+        verdict = (
+            f"<strong>{len(differ)} package(s) differ from {_esc(Path(lock).name)}</strong>: "
+            f"{_esc(', '.join(differ))} — these results were not computed with the tested versions."
+        )
+    else:
+        verdict = (
+            f"Every locked package matches {_esc(Path(lock).name)} (the versions CI passed with)."
+        )
+    head = "".join(f"<th>{h}</th>" for h in ("package", "lock", "this machine", "cells", ""))
+    body = "".join("<tr>" + "".join(f"<td>{_esc(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return (
+        f'<h3>Packages</h3><p class="note" id="lock-verdict">{verdict} torch is installed by its '
+        "own line (a CPU or CUDA build), not from the lock.</p>"
+        f'<table class="data" id="packages"><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
+        "</table>"
+    )
+
+
 def provenance_html(
-    config: dict | None, results: Path | None, models: Path | None, source: Path | None
+    config: dict | None,
+    results: Path | None,
+    models: Path | None,
+    source: Path | None,
+    lock: Path | None = None,
 ) -> str:
     parts = ["<h3>Run</h3>"]
     run = {
@@ -478,8 +509,7 @@ def provenance_html(
     else:
         parts.append('<p class="note">No cell metadata found.</p>')
     parts.append(gguf_sources_html(models))
-    parts.append("<h3>Packages</h3>")
-    parts.append(_kv_table(provenance.package_versions()))
+    parts.append(packages_html(results, lock))
     parts.append("<h3>Hardware (machine that built this report)</h3>")
     parts.append(_kv_table(provenance.hardware()))
     if config is not None:
@@ -515,6 +545,7 @@ def render(
     models_dir: str | os.PathLike | None = None,
     title: str = "ropelens report",
     source_dir: str | os.PathLike | None = None,
+    lock: str | os.PathLike | None = None,
 ) -> Path:
     """Write the report for ``files`` to ``out`` atomically; returns ``out``."""
     out = Path(out)
@@ -547,6 +578,7 @@ def render(
             Path(results_dir) if results_dir else None,
             Path(models_dir) if models_dir else None,
             Path(source_dir) if source_dir else Path(__file__).resolve().parent,
+            Path(lock) if lock else None,
         )
         + "</section>"
     )
