@@ -206,6 +206,7 @@ def test_paper_sized_grid_builds_its_dag(tmp_path, snakemake):
     cfg["methods"].update({f"yarn-{f}": {"method": "yarn", "factor": f} for f in (2, 4, 8)})
     cfg["methods"]["rope"] = {}
     cfg["lengths"] = [2**k for k in range(10, 22)]
+    del cfg["needle"]  # needle cells at every length
     args = write_config(tmp_path, cfg)
     counts = job_counts(snakemake(tmp_path, *args, "-n"))
     assert counts["ppl"] == 4 * 8 * 12
