@@ -5,14 +5,24 @@ import``, at module level and inside functions alike (a deferred import is still
 The last known cycles (toy -> cli, toy -> config, and the plan-time checks -> config's grid
 helpers) went with issue 16: the grid is ``ropelens.grid``, the toy zoo ``toydata`` / ``toytrain``
 with its commands in cli and its train-block checks in config.
+
+Plan time imports neither torch nor transformers (issue 27): loading the Snakefile, its input
+functions, params and resources, and ``ropelens check-config``, each in a fresh interpreter.
 """
 
 from __future__ import annotations
 
 import ast
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[1] / "src" / "ropelens"
+REPO = SRC.parents[1]
 
 
 def import_graph(src: Path = SRC, top_level_only: bool = False) -> dict[str, set[str]]:
@@ -96,3 +106,46 @@ def test_the_library_never_imports_snakemake():
                 names = [node.module or ""]
             found += [f"{path.name}:{node.lineno}" for n in names if n.split(".")[0] == "snakemake"]
     assert found == []  # and tests/test_package.py: the wheel requires it only as an extra
+
+
+# --- plan time: no torch, no transformers (issue 27) ----------------------------------------------
+# Models whose own config must be read (a local directory, a cached hub config) do need
+# transformers; here the hub cache is empty, so nothing may import either.
+PROBE = """
+import json, sys
+from {module} import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+heavy = [m for m in ("torch", "transformers") if m in sys.modules]
+print(json.dumps({{"code": code, "heavy": heavy}}))
+"""
+
+
+def heavy_after(module: str, args: list[str], tmp_path: Path) -> list[str]:
+    """torch / transformers as loaded after ``module``'s ``main(args)`` in a fresh interpreter."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC.parent), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-c", PROBE.format(module=module), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["code"] in (0, None), proc.stderr[-3000:]
+    return result["heavy"]
+
+
+@pytest.mark.parametrize("configfile", ["configs/paper.yaml", None])
+def test_check_config_imports_no_torch(configfile, tmp_path):
+    args = ["check-config", str(REPO / (configfile or "config.yaml"))]
+    assert heavy_after("ropelens.cli", args, tmp_path) == []
+
+
+@pytest.mark.workflow
+@pytest.mark.parametrize("configfile", ["configs/paper.yaml", None])
+def test_dry_run_imports_no_torch(configfile, tmp_path):
+    """The whole plan, as `snakemake -n` makes it: the Snakefile, every input function, params
+    and resources of every job (printed, so evaluated); config.yaml when no configfile."""
+    args = ["-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n", "--cores", "1"]
+    if configfile:
+        args += ["--configfile", str(REPO / configfile)]
+    assert heavy_after("snakemake.cli", args, tmp_path) == []

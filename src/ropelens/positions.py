@@ -25,14 +25,19 @@ The further rotation is the rotate-half layout over the first rotary dimensions 
 layout of LLaMA and most decoders); :func:`layout_problem` checks, from the config alone, that the
 model's own ``apply_rotary_pos_emb`` is exactly that, and names why not (interleaved pairs,
 multi-head latent attention, layers without RoPE, frequencies that change with the length).
+
+torch is imported by the functions that compute (issue 27): the plan checks a method's parameters
+by building a :class:`PositionMap`, and plan time imports no torch.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 ATTR = "_ropelens_positions"  # on each attention module: (PositionMap, inverse frequencies)
 
@@ -51,6 +56,8 @@ class PositionMap:
 
     def far_query(self, pos: torch.Tensor) -> torch.Tensor:
         """Positions i' of queries at absolute positions ``pos`` in the far logits (float64)."""
+        import torch
+
         pos = pos.double()
         w = float(self.window)
         if self.kind == "rerope":
@@ -63,6 +70,8 @@ class PositionMap:
 
     def far_key(self, pos: torch.Tensor) -> torch.Tensor:
         """Positions j' of keys at absolute positions ``pos`` in the far logits (float64)."""
+        import torch
+
         pos = pos.double()
         if self.kind == "rerope":
             return torch.zeros_like(pos) if self.leak is None else pos / self.leak
@@ -73,6 +82,8 @@ class PositionMap:
     def distance(self, d: torch.Tensor) -> torch.Tensor:
         """The relative position a query sees a key at, for true distances ``d`` = i - j >= 0
         where only the distance matters (ReRoPE, STRING); Self-Extend's depends on i and j."""
+        import torch
+
         d = d.double()
         if self.kind == "self-extend":
             raise ValueError("Self-Extend's grouped distance depends on both positions")
@@ -87,6 +98,8 @@ class PositionMap:
 def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """``x`` (..., L, D) rotated by ``delta`` (L,) positions with ``inv_freq``: rotate-half over
     the first 2 * len(inv_freq) dimensions, the rest passed through. Angles in float64."""
+    import torch
+
     r = 2 * inv_freq.shape[-1]
     angle = delta.detach().cpu().double()[:, None] * inv_freq.detach().cpu().double()[None]
     cos = torch.cat([angle.cos(), angle.cos()], -1).to(x.device, x.dtype)  # (MPS has no fp64)
@@ -109,6 +122,8 @@ class FarLogits:
     def merge(self, s: torch.Tensor, c0: int, c1: int, kend: int, heads: int) -> None:
         """Replace, in place, the logits ``s`` (B, Hkv, g * n, kend) of queries [c0, c1) by the
         far ones where the distance is at least the window (only keys that far are computed)."""
+        import torch
+
         n = c1 - c0
         far_end = int(self.qpos[c1 - 1]) - self.window + 1 - int(self.kpos[0])
         far_end = min(max(far_end, 0), kend)
@@ -125,6 +140,8 @@ class FarLogits:
 def far_logits(module, query, key, koff: int) -> FarLogits | None:
     """The far set of a call of ``module`` (None when the module has no position map): query
     i (slot Lk - Lq + i) at absolute position koff + Lk - Lq + i, key slot j at koff + j."""
+    import torch
+
     installed = getattr(module, ATTR, None)
     if installed is None:
         return None
@@ -217,6 +234,7 @@ def _conditional_rope(attention) -> bool:
 
 
 def _attention_class(model_config):
+    import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -228,6 +246,8 @@ def _attention_class(model_config):
 def _probe(rotary, apply, head: int, layer_type) -> bool:
     """Whether the model's own rotation at positions p equals :func:`rotate` by p (times its
     attention scaling) on a random head."""
+    import torch
+
     g = torch.Generator().manual_seed(0)
     pos = torch.tensor([[0, 3, 17, 100]])
     x = torch.randn(1, 1, 4, head, generator=g, dtype=torch.float64)
