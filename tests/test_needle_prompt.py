@@ -213,3 +213,28 @@ def test_greedy_and_run_match_generate(tiny_model_dir):
     out = needle.run(model, tok, p, max_new_tokens=6)
     assert out["generated"] == tok.decode(ref)
     assert set(out) == {"generated", "exact", "score", "predicted"}
+
+
+@pytest.mark.parametrize("depth", [5, 20, 40, 60, 80, 95])
+def test_word_placement_sits_on_a_word_start_close_to_the_depth(tok, depth):
+    """``word``: never inside a word, within half a word of the requested depth."""
+    p = needle.build_prompt(tok, HAYSTACK, 400, depth, seed=3, placement="word")
+    start, end = p.needle_span
+    before, after = decode(tok, p.input_ids[:start]), decode(tok, p.input_ids[end:])
+    assert before == "" or before.endswith("\n") or after[:1].isspace()
+    longest_word = max(len(w) for doc in HAYSTACK for w in doc.split())
+    n_hay = 400 - (end - start) - len(tok(needle.DEFAULT_TEMPLATE.question)["input_ids"])
+    assert abs(depth - p.actual_depth) / 100 * n_hay <= longest_word / 2 + 1
+
+
+def test_word_placement_keeps_depths_apart_where_sentences_are_long(tok):
+    """At L0 = 256 on long sentences the sentence rules collapse 25/50/75 onto one position; the
+    word rule keeps five distinct prompts, each within a few points of its depth."""
+    long = ["one two three four five six seven eight nine ten eleven twelve thirteen " * 6 + "end."]
+    for rule, distinct in (("gkamradt", False), ("word", True)):
+        spans = {needle.build_prompt(tok, long, 256, d, seed=1, placement=rule).needle_span[0]
+                 for d in (0, 25, 50, 75, 100)}  # fmt: skip
+        assert (len(spans) == 5) is distinct, (rule, spans)
+    for d in (25, 50, 75):
+        p = needle.build_prompt(tok, long, 256, d, seed=1, placement="word")
+        assert abs(d - p.actual_depth) < 4

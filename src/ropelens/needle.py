@@ -3,7 +3,7 @@
 A prompt is ``[special prefix] haystack[:k] needle haystack[k:] question`` with exactly ``length``
 tokens. The haystack is the given documents (joined by a blank line, repeated if too short) trimmed
 to fit; the needle sentence goes at ``depth`` percent of the haystack (0 = start, 100 = end) by one
-of two placement rules (:data:`PLACEMENTS`):
+of three placement rules (:data:`PLACEMENTS`):
 
 - ``gkamradt`` (the default): the rule of gkamradt's LLMTest_NeedleInAHaystack
   (``insert_needle``), which most published NIAH grids use: ``int(n · depth / 100)`` tokens into
@@ -11,10 +11,15 @@ of two placement rules (:data:`PLACEMENTS`):
   depth 100 appends the needle at the end.
 - ``boundary``: ``round(depth / 100 · n)`` tokens in, then back to the nearest preceding sentence
   end (``.``, ``!``, ``?`` followed by whitespace) or line end, so it never splits a word.
+- ``word``: ``round(depth / 100 · n)`` tokens in, then to the nearest word start (a token that
+  starts with whitespace, or a line start): within half a word of the requested depth even
+  where sentences are long in tokens (a byte-level model's sentence is ~100 tokens, so at a
+  few hundred tokens the sentence rules put depths 25, 50 and 75 % on one position).
 
-Either rule moves the needle back from the requested depth; ``actual_depth`` records where it
-landed. The answer is a random number drawn from ``seed``; :func:`cell_seed` derives one seed per
-(length, depth) so every model and method sees the same prompt in the same grid cell.
+The sentence rules move the needle back from the requested depth, the word rule to the
+nearest word; ``actual_depth`` records where it landed. The answer is a random number drawn from
+``seed``; :func:`cell_seed` derives one seed per (length, depth) so every model and method sees
+the same prompt in the same grid cell.
 
     >>> from ropelens.tokenizer import build_byte_tokenizer
     >>> tok = build_byte_tokenizer()
@@ -39,7 +44,7 @@ from dataclasses import dataclass
 from ropelens.errors import DataError
 
 DOC_SEPARATOR = "\n\n"
-PLACEMENTS = ("gkamradt", "boundary")
+PLACEMENTS = ("gkamradt", "boundary", "word")
 DEFAULT_PLACEMENT = "gkamradt"
 SENTENCE_END = (".", "!", "?")
 _SPACE_MARKS = ("Ġ", "▁", "Ċ", "ĉ")  # byte-level / sentencepiece spellings of leading whitespace
@@ -169,6 +174,21 @@ def _boundary(hay: list[int], target: int, pieces: _Pieces) -> int:
     return 0
 
 
+def _word_start(hay: list[int], target: int, pieces: _Pieces) -> int:
+    """The word start nearest ``target`` (the earlier on a tie): a token starting with whitespace,
+    or one after a line end; 0 is always one."""
+    target = min(target, len(hay) - 1)
+
+    def starts(i: int) -> bool:
+        return i == 0 or pieces(hay[i])[2] or pieces(hay[i - 1])[1]
+
+    for step in range(target + 1):
+        for i in (target - step, target + step):
+            if 0 <= i < len(hay) and starts(i):
+                return i
+    return 0
+
+
 def period_ids(tokenizer) -> set[int]:
     """The token ids of a ``.``: alone (gkamradt's ``encode('.')``) and after a word (``"a."``),
     which differ for sentencepiece tokenizers (``▁.`` vs ``.``)."""
@@ -198,7 +218,8 @@ def _place(tokenizer, hay, depth, budget, reserve, needle, placement):
         k = gkamradt_point(hay[:n], depth, period_ids(tokenizer))
         return k, (needle + "\n" if k == 0 else " " + needle)
     pieces = _Pieces(tokenizer)
-    k = _boundary(hay[:budget], round(depth / 100 * budget), pieces)
+    find = _word_start if placement == "word" else _boundary
+    k = find(hay[:budget], round(depth / 100 * budget), pieces)
     at_line_start = k == 0 or pieces(hay[k - 1])[1]
     return k, (needle + "\n" if at_line_start else " " + needle)
 
