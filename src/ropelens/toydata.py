@@ -98,6 +98,7 @@ class Batches:
         mix = {k: float(w) for k, w in settings.get("task_mix", {NEEDLE: 1}).items() if w > 0}
         self.mix_names, self.mix_weights = list(mix), list(mix.values())
         self.mix_from = settings.get("task_mix_from", 0)  # needle only for the first batches
+        self.placement = settings.get("placement", "gkamradt")  # of the needle prompts
         self.batches = 0
         if self.haystack:
             self.min_prompt = needle.min_length(tokenizer)
@@ -157,7 +158,9 @@ class Batches:
             return None
         n = self._prompt_length(self.min_prompt + 8, room - 1)
         depth = self._depth()
-        prompt = needle.build_prompt(self.tok, self._haystack(), n, depth, rng.getrandbits(32))
+        prompt = needle.build_prompt(
+            self.tok, self._haystack(), n, depth, rng.getrandbits(32), placement=self.placement
+        )
         ids = prompt.input_ids + prompt.target_ids + self.tail
         mask = [0] * n + [1] * len(prompt.target_ids) + [0] * len(self.tail)
         while rng.random() < 0.5:  # ask again: short-range copies speed up learning to copy

@@ -89,9 +89,12 @@ def _losses(model, x, mask, positions):
     return lm, ans
 
 
-def _loop(model, batches: Batches, settings: dict, progress=None) -> list[dict]:
+FIRST_LOSSES = 8  # per-step losses kept exactly: retraining's first steps reproduce them
+
+
+def _loop(model, batches: Batches, settings: dict, progress=None) -> tuple[list, list]:
     """The optimisation: ``steps`` steps of the schedule; returns the loss curve (about 50
-    points, each the mean over the steps since the last)."""
+    points, each the mean over the steps since the last) and the first steps' LM losses."""
     import torch
 
     opt = _optimizer(model, settings)
@@ -103,6 +106,7 @@ def _loop(model, batches: Batches, settings: dict, progress=None) -> list[dict]:
     every = max(1, settings["steps"] // 50)
     lm_acc = ans_acc = 0.0
     n_acc = 0
+    first = []
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, settings)
@@ -115,6 +119,8 @@ def _loop(model, batches: Batches, settings: dict, progress=None) -> list[dict]:
         opt.step()
         lm_acc += float(lm.detach())
         ans_acc += float(ans.detach())
+        if step < FIRST_LOSSES:
+            first.append(float(lm.detach()))
         n_acc += 1
         if (step + 1) % every == 0 or step + 1 == settings["steps"]:
             point = {"step": step + 1, "lm_loss": lm_acc / n_acc, "answer_loss": ans_acc / n_acc}
@@ -126,7 +132,7 @@ def _loop(model, batches: Batches, settings: dict, progress=None) -> list[dict]:
                     lm=f"{point['lm_loss']:.3f}", ans=f"{point['answer_loss']:.3f}", refresh=False
                 )
     model.eval()
-    return curve
+    return curve, first
 
 
 def train(model, tokenizer, settings: dict, length: int, corpus_path, haystack_path, progress=None):
@@ -140,7 +146,7 @@ def train(model, tokenizer, settings: dict, length: int, corpus_path, haystack_p
     _seed_all(settings["seed"])
     batches = Batches(tokenizer, length, settings, corpus, haystack)
     t0 = time.perf_counter()
-    curve = _loop(model, batches, settings, progress)
+    curve, first = _loop(model, batches, settings, progress)
     seconds = time.perf_counter() - t0
     return {
         "length": length,
@@ -151,6 +157,7 @@ def train(model, tokenizer, settings: dict, length: int, corpus_path, haystack_p
         "seconds": round(seconds, 3),
         "final": curve[-1] if curve else None,
         "curve": curve,
+        "first_losses": first,
         "corpus": corpus_prov,
         "haystack": haystack_prov,
     }
