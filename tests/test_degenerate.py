@@ -281,6 +281,8 @@ def test_aggregate_needle(tmp_path, case):
         tmp_path, "aggregate-needle", cells, NEEDLE_TABLES, NEEDLE_CHARTS, "--models", "a", "b"
     )
     _check_answer_case(out, case, "needle", "needle_entropy_strata")
+    if case == "all_errored":  # the heatmap draws the cells and says why they have no result
+        assert says(out["needle_a"], "4 of 4 cells have no result (4 prompt_error: needle: length")
 
 
 def _check_answer_case(out: dict, case: str, what: str, strata: str | None) -> None:
