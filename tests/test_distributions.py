@@ -258,7 +258,7 @@ def test_plot_lengths():
 
 
 def test_sink_table_against_hand_computation(tmp_path):
-    from ropelens import sinks
+    from ropelens import charts, sinks
 
     heads = [[[0.8, 0.1, 0.1, 0.0], [0.6, 0.2, 0.2, 0.0]], [[0.2, 0.3, 0.3, 0.2]] * 2]
     cells = [fake_cell(tmp_path, m, 64, heads) for m in ("rope", "pi")]
@@ -270,5 +270,5 @@ def test_sink_table_against_hand_computation(tmp_path):
     mean = table[(table.method == "rope") & (table.layer == "mean")].iloc[0]
     assert mean.sink_mass == pytest.approx(((0.4 + 0.4) / 2 + (0.1 + 0.2) / 2) / 2)
     assert mean.sink_mass_max == pytest.approx(0.4) and mean.sink_tokens == 4
-    spec = sinks.sink_chart(sinks.sink_table(cells), "m").to_dict()
+    spec = charts.sink_chart(sinks.sink_table(cells), "m").to_dict()
     assert spec["spec"]["encoding"]["y"]["field"] == "sink_mass"

@@ -262,6 +262,41 @@ def js_chart(js, model: str):
     ).properties(title=f"{model}: JS divergence from the reference, mean over layers")
 
 
+def sink_chart(table, model: str):
+    """Sink mass per layer (head mean, :func:`ropelens.sinks.sink_table`), a line per method, a
+    panel per length; a model without attention cells gets a :func:`note_chart`."""
+    import altair as alt
+
+    df = table.to_pandas()
+    df = df[(df["model"] == model) & (df["layer"] != "mean")].copy()
+    if df.empty:
+        return note_chart(
+            f"{model}: attention sinks", f"No attention cells of model '{model}' in this grid."
+        )
+    df["layer"] = df["layer"].astype(int)
+    sink = int(df["sink_tokens"].iloc[0])
+    scheme = "tableau20" if df["method"].nunique() > 10 else "tableau10"
+    return (
+        alt.Chart(df)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1)),
+            y=alt.Y("sink_mass:Q", title=f"attention mass on the first {sink} tokens"),
+            color=alt.Color("method:N", title="method", scale=alt.Scale(scheme=scheme)),
+            tooltip=[
+                "method",
+                "length",
+                "layer",
+                alt.Tooltip("sink_mass:Q", format=".3f", title="head mean"),
+                alt.Tooltip("sink_mass_max:Q", format=".3f", title="largest head"),
+            ],
+        )
+        .properties(width=260, height=200)
+        .facet(column=alt.Column("length:O", title="context length (tokens)"))
+        .properties(title=f"{model}: attention sinks — mass on keys [0, {sink}) per layer")
+    )
+
+
 def needle_heatmap(cells, model: str, what: str = "needle retrieval", kind: str = "needle"):
     """Fig. 4/5: length × depth per method; green pass / red fail (grey: no result, counted with
     the first error under the title), each cell annotated with its mean attention entropy, a

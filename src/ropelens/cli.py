@@ -307,7 +307,7 @@ def cmd_aggregate_sinks(args) -> int:
 
     write_table(table, f"{args.prefix}_layers.parquet")
     for model, html, png in zip(args.models, args.html, args.png):
-        charts.save(sinks.sink_chart(table, model), html, png)
+        charts.save(charts.sink_chart(table, model), html, png)
     print(f"aggregated the sink mass of {len(args.cells)} attention cells", file=sys.stderr)
     return 0
 

@@ -6,7 +6,7 @@ records, per layer × head, the mean over its measured queries of the mass on ke
 [0, ``attention.sink_tokens``) — one span of the streaming statistics
 (:class:`ropelens.attention.StatsSpec`), so it is exact like the other statistics. This module
 turns the cells into a table per (model, method, length, layer) and a chart of sink mass per
-layer, a line per method, a panel per length.
+layer, a line per method, a panel per length (:func:`ropelens.charts.sink_chart`).
 """
 
 from __future__ import annotations
@@ -51,39 +51,3 @@ def _plain(v):
     if v is None or (isinstance(v, float) and v != v):
         return None
     return v.item() if hasattr(v, "item") else v
-
-
-def sink_chart(table, model: str):
-    """Sink mass per layer (head mean), a line per method, a panel per length."""
-    import altair as alt
-
-    from ropelens.charts import note_chart
-
-    df = table.to_pandas()
-    df = df[(df["model"] == model) & (df["layer"] != "mean")].copy()
-    if df.empty:
-        return note_chart(
-            f"{model}: attention sinks", f"No attention cells of model '{model}' in this grid."
-        )
-    df["layer"] = df["layer"].astype(int)
-    sink = int(df["sink_tokens"].iloc[0]) if len(df) else 0
-    scheme = "tableau20" if df["method"].nunique() > 10 else "tableau10"
-    return (
-        alt.Chart(df)
-        .mark_line(point=True)
-        .encode(
-            x=alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1)),
-            y=alt.Y("sink_mass:Q", title=f"attention mass on the first {sink} tokens"),
-            color=alt.Color("method:N", title="method", scale=alt.Scale(scheme=scheme)),
-            tooltip=[
-                "method",
-                "length",
-                "layer",
-                alt.Tooltip("sink_mass:Q", format=".3f", title="head mean"),
-                alt.Tooltip("sink_mass_max:Q", format=".3f", title="largest head"),
-            ],
-        )
-        .properties(width=260, height=200)
-        .facet(column=alt.Column("length:O", title="context length (tokens)"))
-        .properties(title=f"{model}: attention sinks — mass on keys [0, {sink}) per layer")
-    )
