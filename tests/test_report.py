@@ -297,7 +297,7 @@ def test_provenance(aggregates):
     assert "<td>23.8</td>" in prov  # 10.5 + 0.75 + 12.5
     import torch
 
-    assert f"<th>torch</th><td>{torch.__version__}</td>" in prov
+    assert f"<td>torch</td><td>—</td><td>{torch.__version__}</td>" in prov  # not in the lock
     for key in ("cpu", "logical cores", "memory", "gpus", "config hash (sha256)"):
         assert f"<th>{key}</th>" in prov
 
