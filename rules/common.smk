@@ -1,8 +1,10 @@
 import json
 import os
 import sys
+from functools import cache
 from pathlib import Path
 
+from snakemake.common import get_function_params, overwrite_function_params
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import update_config, validate
 
@@ -114,10 +116,24 @@ def q(obj):
     return json.dumps(obj, sort_keys=True)
 
 
+def signed(func):
+    """``func`` with its parameters read once (Snakemake reads the signature of an input,
+    param, resource or group function, with inspect.signature, twice per job)."""
+    overwrite_function_params(func, get_function_params(func))
+    return func
+
+
+@signed
 def cell_spec(wildcards):
-    return q(rlgrid.cell_spec(config, wildcards.model, wildcards.method))
+    return _cell_spec(wildcards.model, wildcards.method)
 
 
+@cache
+def _cell_spec(model, method):
+    return q(rlgrid.cell_spec(config, model, method))
+
+
+@signed
 def model_inputs(wildcards):
     """Model directories the workflow builds itself and that this cell loads."""
     if "method" in wildcards.keys():
@@ -151,6 +167,7 @@ def tokenizer_source(model):
 def cell_data(kind):
     """Input function: the corpus (needle) or token file (ppl, attention) of a cell of ``kind``."""
 
+    @signed
     def data(wildcards):
         wc = dict(wildcards.items())
         cell = f"results/{kind}/{CELL_PATHS[kind].format(**wc)}"
@@ -230,6 +247,7 @@ def task_charts(ext):
     return [f"results/figures/tasks_{t}_{m}.{ext}" for m in MODELS for t in TASK_NAMES]
 
 
+@signed
 def task_haystack(wildcards):
     """The task's corpus file ([] for the passkey filler), as cell_data does for needle cells."""
     from ropelens.tasks import FILLER
@@ -245,6 +263,7 @@ def task_haystack(wildcards):
     return ancient(path)
 
 
+@signed
 def task_data_spec(wildcards):
     """The definition of the task's haystack (a param: a changed corpus reruns its cells)."""
     name = rlgrid.task_entry(config, wildcards.task)["haystack"]
@@ -254,6 +273,7 @@ def task_data_spec(wildcards):
 # --- the toy zoo (rules/toy.smk): what a train block reads --------------------------------------
 
 
+@cache
 def corpus_file(name):
     """The materialised corpus `name` (rule corpus's output)."""
     return rules.corpus.output[0].format(corpus=name)

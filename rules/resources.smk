@@ -63,14 +63,20 @@ def _on_cluster():
 def _cell(name):
     """Input function of one resource of a cell, from the tier of its length and its attempt."""
 
+    @signed
     def resource(wildcards, attempt, rulename=None):
         _on_cluster()
-        cell = rlresources.cell_resources(
-            config, rulename or "cells", wildcards.length, attempt, GIVEN_RESOURCES
-        )
-        return cell[name]
+        return _cell_resources(rulename, wildcards.length, attempt)[name]
 
     return resource
+
+
+@cache
+def _cell_resources(rulename, length, attempt):
+    """All resources of the cells of ``rulename`` at ``length``, ``attempt`` (once each)."""
+    return rlresources.cell_resources(
+        config, rulename or "cells", length, attempt, GIVEN_RESOURCES
+    )
 
 
 CELL_RESOURCES = {
@@ -80,6 +86,7 @@ CELL_RESOURCES = {
 CELL_RESOURCES["cell_slots"] = 1
 
 
+@signed
 def cell_group(wildcards):
     _on_cluster()  # evaluated while the DAG is built, before any job is submitted
     return rlresources.cell_group(config, wildcards.length)

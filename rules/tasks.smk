@@ -20,9 +20,9 @@ rule task:
     params:
         spec=cell_spec,
         data=task_data_spec,
-        settings=lambda wc: q(rlgrid.task_settings(config, wc.task)),
-        haystack=lambda wc, input: (
-            f"--haystack {input.haystack}" if input.haystack else ""
+        settings=signed(lambda wc: q(rlgrid.task_settings(config, wc.task))),
+        haystack=signed(
+            lambda wc, input: f"--haystack {input.haystack}" if input.haystack else ""
         ),
     shell:
         "python -m ropelens task --task {wildcards.task} --spec {params.spec:q}"
