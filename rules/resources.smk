@@ -79,8 +79,10 @@ def _cell_resources(rulename, length, attempt):
     )
 
 
+# a resource with one value for every cell (e.g. no tier names a GPU type) is that value
+FIXED_RESOURCES = rlresources.fixed_resources(config, GIVEN_RESOURCES)
 CELL_RESOURCES = {
-    name: _cell(name)
+    name: FIXED_RESOURCES.get(name, _cell(name))
     for name in ("mem_mb", "runtime", "gpu", "gpu_model", "slurm_partition")
 }
 CELL_RESOURCES["cell_slots"] = 1

@@ -5,6 +5,7 @@ No Slurm needed: dry runs and the pure functions behind rules/resources.smk (rop
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 
@@ -92,6 +93,30 @@ def test_resources_grow_with_length_and_attempt(source):
         assert all(rlresources.cell_resources(cfg, "ppl", n)["gpu"] == 1 for n in lengths)
         assert rlresources.cell_group(cfg, 8192) == rlresources.BUNDLE_GROUP
         assert rlresources.cell_group(cfg, 16384) is None
+
+
+def test_fixed_resources_are_what_every_cell_gets():
+    """Resources the rules declare as values (no function per job, issue 27) are those of every
+    cell, at any length, attempt and rule; a tier or a rule's own setting that differs unfixes."""
+    paper = prepared(yaml.safe_load(PAPER.read_text()))
+    assert rlresources.fixed_resources(paper) == {"gpu": 1, "gpu_model": "", "slurm_partition": ""}
+    tiers = [
+        {"max_length": 64, "mem_mb": 1000, "runtime": 5, "gpus": 1},
+        {"mem_mb": 2000, "runtime": 10, "gpus": 1, "gpu_model": "a100"},
+    ]
+    typed = prepared({**MICRO, "resources": {"cells": tiers, "bundle_max_length": 64}})
+    assert rlresources.fixed_resources(typed) == {"gpu": 1, "slurm_partition": ""}
+    default = [("default-resources gpu_model", "gpu_model", "a100")]
+    assert rlresources.fixed_resources(paper, default)["gpu_model"] == "a100"
+    own = [("set-resources needle:slurm_partition", "slurm_partition", "long")]
+    assert "slurm_partition" not in rlresources.fixed_resources(paper, own)
+    for cfg, given in [(paper, default), (typed, []), (paper, own)]:
+        fixed = rlresources.fixed_resources(cfg, given)
+        for rule, n, attempt in itertools.product(
+            ("ppl", "attention", "needle", "task"), [2**k for k in range(6, 18)], (1, 2)
+        ):
+            cell = rlresources.cell_resources(cfg, rule, n, attempt, given)
+            assert {k: cell[k] for k in fixed} == fixed, (rule, n, attempt)
 
 
 @pytest.mark.workflow

@@ -103,12 +103,34 @@ def cell_resources(cfg: dict, rule: str, length: int, attempt: int = 1, given=()
     return {
         "mem_mb": math.ceil(tier["mem_mb"] * res["memory_growth"] ** retry),
         "runtime": math.ceil(tier["runtime"] * res["runtime_growth"] ** retry),
+        **_placement(tier, given, rule),
+    }
+
+
+def _placement(tier: dict, given, rule: str | None) -> dict:
+    """What a tier asks for whatever the attempt: GPUs, their type and the partition."""
+    return {
         "gpu": tier.get("gpus", 0),
         "gpu_model": tier.get("gpu_model") or given_value(given, "gpu_model", rule) or "",
         "slurm_partition": (
             tier.get("partition") or given_value(given, "slurm_partition", rule) or ""
         ),
     }
+
+
+def fixed_resources(cfg: dict, given=()) -> dict:
+    """The resources of :func:`cell_resources` that are the same for every cell of every rule
+    (name -> value): a rule may declare them as values, so Snakemake calls no function for them
+    per job. A name that ``given`` sets for some rule (``set-resources``) is never fixed."""
+    res = cfg["resources"]
+    tiers = [t for key in ("cells", *CELL_RULES) for t in res.get(key) or []]
+    per_rule = {k for w, k, _ in given if w.startswith("set-resources ")}
+    fixed = {}
+    for name in ("gpu", "gpu_model", "slurm_partition"):
+        values = {_placement(t, given, None)[name] for t in tiers}
+        if len(values) == 1 and name not in per_rule:
+            fixed[name] = values.pop()
+    return fixed
 
 
 def cell_group(cfg: dict, length: int) -> str | None:
