@@ -2,6 +2,7 @@
 
 bash scripts/slurm-local.sh start && eval "$(bash scripts/slurm-local.sh env)"
 python bench/slurm_roundtrip.py --repeats 5 --chain 4
+python bench/slurm_roundtrip.py --repeats 5 --ropelens PATH   # a ropelens checkout's job start-up
 
 Needs a running Slurm (scripts/slurm-local.sh gives a one-node one on loopback). Measures:
 
@@ -12,17 +13,27 @@ Needs a running Slurm (scripts/slurm-local.sh gives a one-node one on loopback).
   squeue).
 * a chain of N dependent jobs, per job; and N independent jobs bundled by --group-components
   into one Slurm job, per job.
+* ``--ropelens PATH`` instead: the per-job start-up of the ropelens workflow in the checkout PATH
+  (issue 27). Inside each Slurm job the plugin runs Snakemake twice (batch step, srun step), and
+  each reads the Snakefile and checks the config. One job of configs/paper.yaml's plan (its
+  checks, with a tiny model added: rule tiny_model, a few seconds) via slurm, minus local; and
+  the job's time in Slurm, from first seen RUNNING to first seen ended (squeue every 50 ms).
+  Compare checkouts (git worktrees) before and after a change on the same quiet machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+# the paper grid plus a model the workflow builds itself in seconds (rule tiny_model)
+PROBE = "models:\n  probe: {tiny: {hidden_size: 16, layers: 1}, pretrained_length: 4096}\n"
 
 SNAKEFILE = """
 N = {n}
@@ -97,6 +108,58 @@ def snakemake(workdir: Path, *args) -> float:
     return time.perf_counter() - t0
 
 
+def squeue() -> dict[str, str]:
+    """job id -> state of this user's jobs (finished ones too, while Slurm keeps them)."""
+    cmd = ["squeue", "-h", "-u", str(os.getuid()), "--states=all", "-o", "%i %T"]
+    out = subprocess.run(cmd, capture_output=True, text=True).stdout
+    return dict(line.split() for line in out.splitlines() if line.strip())
+
+
+def watched(cmd: list[str], env: dict) -> tuple[float, list[float]]:
+    """Wall seconds of ``cmd``, and each new Slurm job's seconds from RUNNING to ended."""
+    old, spans = set(squeue()), {}
+    with tempfile.TemporaryFile() as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        while proc.poll() is None:
+            now = time.perf_counter()
+            for job, state in squeue().items():
+                span = [0, 0] if job in old else spans.setdefault(job, [None, None])
+                if state == "RUNNING" and span[0] is None:
+                    span[0] = now
+                elif state not in ("PENDING", "CONFIGURING", "RUNNING") and span[1] is None:
+                    span[1] = now
+            time.sleep(0.05)
+        wall = time.perf_counter() - t0
+        if proc.returncode:
+            log.seek(0)
+            sys.exit(log.read().decode(errors="replace")[-3000:])
+    return wall, [end - start for start, end in spans.values() if start and end]
+
+
+def ropelens_job(checkout: Path, work: Path, *args) -> tuple[float, list[float]]:
+    """Build the probe model of the paper grid once with ``checkout``'s Snakefile in ``work``."""
+    work.mkdir()
+    (work / "probe.yaml").write_text(PROBE)
+    exe = str(Path(sys.executable).with_name("snakemake"))
+    cmd = [exe, "resources/models/probe", "-s", str(checkout / "Snakefile"), "-d", str(work)]
+    cmd += ["--configfile", str(checkout / "configs/paper.yaml"), str(work / "probe.yaml")]
+    return watched([*cmd, *args], {**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def ropelens_rows(checkout: Path, repeats: int) -> None:
+    med, minus, inside = statistics.median, [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(repeats):
+            local, _ = ropelens_job(checkout, Path(tmp) / f"l{i}", "--cores", "1")
+            remote, spans = ropelens_job(checkout, Path(tmp) / f"s{i}", *SLURM)
+            minus.append(remote - local)
+            inside += spans
+    what = "ropelens job (paper plan, rule tiny_model) via slurm, minus local"
+    row(f"{what} (median of {repeats})", med(minus))
+    row(f"that job in Slurm, RUNNING to ended (median of {len(inside)})", med(inside))
+
+
 def fresh(tmp: Path, n: int, name: str) -> Path:
     work = tmp / name
     work.mkdir()
@@ -112,10 +175,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--chain", type=int, default=4, help="jobs in the chain and in the bundle")
+    p.add_argument("--ropelens", type=Path, help="measure this ropelens checkout's job start-up")
     args = p.parse_args()
     n, med = args.chain, statistics.median
     print("| what | seconds per job |")
     print("|---|---|", flush=True)
+    if args.ropelens:
+        ropelens_rows(args.ropelens.resolve(), args.repeats)
+        return
     raw = [sbatch_roundtrip() for _ in range(args.repeats)]
     row(f"`sbatch --wrap true` → COMPLETED (median of {args.repeats})", med(raw))
     with tempfile.TemporaryDirectory() as tmp:
