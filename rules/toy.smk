@@ -62,3 +62,9 @@ rule continual:
         "python -m ropelens continual --spec {params.spec:q} --settings {params.settings:q}"
         " --length {params.length} --corpus {input.corpus} {params.haystack}"
         " --device {params.device} --threads {threads} --out {output} 2> {log}"
+
+
+# Every model the config trains (`make zoo` with configs/zoo.yaml, then `ropelens ship-zoo`).
+rule zoo:
+    input:
+        zoo_dirs(),

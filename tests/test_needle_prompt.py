@@ -238,3 +238,20 @@ def test_word_placement_keeps_depths_apart_where_sentences_are_long(tok):
     for d in (25, 50, 75):
         p = needle.build_prompt(tok, long, 256, d, seed=1, placement="word")
         assert abs(d - p.actual_depth) < 4
+
+
+def test_depth_note_names_collapsed_and_far_depths():
+    """The needle table and heatmap say in one line where requested depths are one position and
+    which cells landed far from their row (retrieval.depth_note)."""
+    import pandas as pd
+
+    from ropelens import retrieval
+
+    cells = pd.DataFrame(
+        dict(length=[256] * 4 + [1024] * 2, depth=[0, 25, 50, 75, 0, 50])
+        | dict(actual_depth=[0.0, 23.0, 23.0, 23.0, 0.0, 49.7])
+    )
+    note = retrieval.depth_note(cells)
+    assert "at 256 tokens depths 25, 50, 75 % are one position (23.0 %)" in note
+    assert "2 cell(s) placed more than 5 points" in note and "\n" not in note
+    assert retrieval.depth_note(cells[cells.length == 1024]) == ""

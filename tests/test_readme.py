@@ -35,6 +35,8 @@ HOW = {
     "make run": "make",
     "make test": "make",
     "make upgrade-check": "make",
+    "make zoo": "make",
+    "make figures": "make",
     "make lock": "make",
     f"{PAPER} -n": "dry",
     PAPER: "dry",

@@ -306,7 +306,7 @@ def needle_heatmap(cells, model: str, what: str = "needle retrieval", kind: str 
     import altair as alt
     import pandas as pd
 
-    from ropelens.retrieval import status_summary
+    from ropelens.retrieval import FAR_DEPTH, depth_note, status_summary
 
     df = cells[cells["model"] == model].copy()
     if df.empty:
@@ -315,6 +315,10 @@ def needle_heatmap(cells, model: str, what: str = "needle retrieval", kind: str 
         ("pass" if p else "fail") if s == "ok" else s for p, s in zip(df["passed"], df["status"])
     ]
     df["label"] = [f"{e:.2f}" if e == e and e is not None else "" for e in df["mean_entropy"]]
+    if "actual_depth" in df:  # * where the needle landed far from the row's depth
+        far = (df["actual_depth"] - df["depth"]).abs() > FAR_DEPTH
+        df["label"] = [lab + ("*" if f else "") for lab, f in zip(df["label"], far)]
+    notes = [n for n in (status_summary(df), depth_note(df)) if n]
     df["depth"] = [f"{d:g}" for d in df["depth"]]
     lengths = set(df["length"])
     # the rule sits on the right edge of the continual-pretraining length's column (when that
@@ -361,7 +365,7 @@ def needle_heatmap(cells, model: str, what: str = "needle retrieval", kind: str 
             title=alt.TitleParams(
                 f"{model}: {what} by requested depth{placed} (cell text: mean "
                 "attention entropy; dashed: right edge of the continual-pretraining length)",
-                subtitle=_wrapped(status_summary(df)),
+                subtitle=_wrapped(". ".join(notes)),
             )
         )
     )

@@ -103,6 +103,16 @@ def cmd_check_config(args) -> int:
     return 0
 
 
+def cmd_ship_zoo(args) -> int:
+    from ropelens import config, zoo
+
+    cfg = config.load_yaml(args.config)
+    for rel, record in zoo.ship_all(cfg, args.source, args.out):
+        size = record["bytes"] / 2**20
+        print(f"shipped {Path(args.out) / rel}: {size:.1f} MiB, sha256 {record['sha256']}")
+    return 0
+
+
 def cmd_verify(args) -> int:
     from ropelens.io import verify
 
@@ -371,6 +381,7 @@ def cmd_aggregate_needle(args) -> int:
     summary, strata = retrieval.summary_table(cells), retrieval.strata_table(cells)
     notes = {m: retrieval.no_result_note(cells, m) for m in _models(args.models, cells)}
     note = " ".join(filter(None, notes.values())) or retrieval.no_result_note(cells)
+    note = " ".join(filter(None, [note, retrieval.depth_note(cells)]))
     for name, df in (
         ("", summary),
         ("_entropy_strata", strata),
@@ -538,6 +549,15 @@ def _setup_commands(sub) -> None:
     s.add_argument("config", help="path to a YAML config (e.g. config.yaml)")
     s.add_argument("--base-dir", default=".", help="folder that relative paths start from")
     s.set_defaults(func=cmd_check_config)
+
+    s = sub.add_parser(
+        "ship-zoo",
+        help="write a trained zoo in half precision with provenance (make zoo; docs/zoo.md)",
+    )
+    s.add_argument("--config", default="configs/zoo.yaml", help="the zoo's recipe")
+    s.add_argument("--source", default="resources/zoo", help="where the workflow trained it")
+    s.add_argument("--out", default="zoo", help="the shipped zoo's folder")
+    s.set_defaults(func=cmd_ship_zoo)
 
     s = sub.add_parser(
         "verify",

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from ropelens import methods as registry
+from ropelens import zoo
 from ropelens.errors import ConfigError
 from ropelens.grid import (  # noqa: F401  (re-exported: the grid as config.<name>)
     GRID_KEYS,
@@ -135,6 +136,7 @@ def _check_models(cfg: dict, base: Path) -> None:
             raise ConfigError(
                 f"models.{name}.path: directory '{model['path']}' does not exist; "
                 "give a local Hugging Face model directory or use 'hub: <org/name>'"
+                + zoo.missing_hint(model["path"])
             )
         if "train" in model:
             _check_pretrain(cfg, name)
@@ -189,6 +191,7 @@ def _check_methods(cfg: dict, base: Path) -> None:
             if "path" in ckpt and not (base / ckpt["path"]).expanduser().is_dir():
                 raise ConfigError(
                     f"{where}.checkpoints.{model}.path: directory '{ckpt['path']}' does not exist"
+                    + zoo.missing_hint(ckpt["path"])
                 )
         if entry.get("checkpoints") and "cpt_length" not in entry:
             raise ConfigError(

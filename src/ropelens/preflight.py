@@ -19,6 +19,7 @@ import struct
 import zipfile
 from pathlib import Path
 
+from ropelens import zoo
 from ropelens.errors import ConfigError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
@@ -47,6 +48,7 @@ def check_model_dir(path: Path, key: str) -> None:
     path = path.expanduser()
     if not path.is_dir():
         return  # config.check names a missing directory
+    zoo.check_dir(path, key)  # a shipped zoo model: its weights are the ones it shipped with
     if not (path / "config.json").is_file():
         raise ConfigError(
             f"{key}: '{path}' has no config.json, so it is not a Hugging Face model directory; "

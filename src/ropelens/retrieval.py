@@ -159,6 +159,29 @@ def status_summary(cells) -> str:
     return f"{len(bad)} of {len(cells)} cells have no result ({why}{first})"
 
 
+FAR_DEPTH = 5.0  # percentage points: a cell's actual depth this far from its row's is marked
+
+
+def depth_note(cells) -> str:
+    """Where the needle landed away from the requested depth, in one line ('' when nowhere):
+    requested depths of one length that are one prompt position, and cells more than
+    :data:`FAR_DEPTH` points from their row (the heatmap marks them with *)."""
+    if "actual_depth" not in cells or cells.empty:
+        return ""
+    df = cells.dropna(subset=["actual_depth"]).drop_duplicates(["length", "depth"])
+    parts = []
+    for (length, actual), g in df.groupby(["length", "actual_depth"], sort=True):
+        if g["depth"].nunique() > 1:
+            asked = ", ".join(f"{d:g}" for d in sorted(g["depth"].unique()))
+            parts.append(f"at {length} tokens depths {asked} % are one position ({actual:.1f} %)")
+    far = df[(df["actual_depth"] - df["depth"]).abs() > FAR_DEPTH]
+    if len(far):
+        parts.append(
+            f"* {len(far)} cell(s) placed more than {FAR_DEPTH:g} points from the requested depth"
+        )
+    return "; ".join(parts)
+
+
 def no_result_note(cells, model: str | None = None, what: str = "needle") -> str:
     """Why the cells (of ``model``) give no pass/fail analysis, in a sentence, or '' when they do:
     there are none, none has a result (their statuses), or every one has the same outcome."""

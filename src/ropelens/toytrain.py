@@ -92,16 +92,17 @@ def _losses(model, x, mask, positions):
 FIRST_LOSSES = 8  # per-step losses kept exactly: retraining's first steps reproduce them
 
 
-def _loop(model, batches: Batches, settings: dict, progress=None) -> tuple[list, list]:
-    """The optimisation: ``steps`` steps of the schedule; returns the loss curve (about 50
-    points, each the mean over the steps since the last) and the first steps' LM losses."""
+def _loop(model, batches: Batches, settings: dict, progress=None, stop_after=None):
+    """The optimisation: ``steps`` steps of the schedule (the first ``stop_after`` only, where
+    given: the same schedule, cut short); returns the loss curve (about 50 points, each the mean
+    over the steps since the last) and the first steps' LM losses."""
     import torch
 
     opt = _optimizer(model, settings)
     model.train()
     device = next(model.parameters()).device
     curve = []
-    steps = range(settings["steps"])
+    steps = range(min(settings["steps"], stop_after or settings["steps"]))
     bar = progress(steps) if progress else steps
     every = max(1, settings["steps"] // 50)
     lm_acc = ans_acc = 0.0
@@ -135,8 +136,12 @@ def _loop(model, batches: Batches, settings: dict, progress=None) -> tuple[list,
     return curve, first
 
 
-def train(model, tokenizer, settings: dict, length: int, corpus_path, haystack_path, progress=None):
-    """Train ``model`` in place on the mix described by ``settings``; returns a summary dict."""
+def train(
+    model, tokenizer, settings: dict, length: int, corpus_path, haystack_path, progress=None,
+    stop_after: int | None = None,
+):  # fmt: skip
+    """Train ``model`` in place on the mix described by ``settings``; returns a summary dict.
+    ``stop_after``: the first steps only (a check that retraining reproduces a run)."""
     corpus, corpus_prov = read_texts(corpus_path)
     haystack, haystack_prov = (None, None)
     if settings["needle_fraction"] > 0:
@@ -146,7 +151,7 @@ def train(model, tokenizer, settings: dict, length: int, corpus_path, haystack_p
     _seed_all(settings["seed"])
     batches = Batches(tokenizer, length, settings, corpus, haystack)
     t0 = time.perf_counter()
-    curve, first = _loop(model, batches, settings, progress)
+    curve, first = _loop(model, batches, settings, progress, stop_after)
     seconds = time.perf_counter() - t0
     return {
         "length": length,
