@@ -2,6 +2,7 @@
 
 import ast
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -147,10 +148,21 @@ def _renames_or_temps(path: Path) -> list[str]:
     return [hit for _, hit in sorted(found)]
 
 
+#: temp names that are no write of a result: (module, call) -> why
+NOT_WRITES = {
+    ("preflight.py", "mkstemp()"): "a probe that a results folder is writable, deleted at once",
+    ("runner_client.py", "mkdtemp()"): "a private folder for the runner's socket (issue 30)",
+}
+
+
 def test_no_module_writes_atomically_by_hand():
-    """One scheme: every rename and temp name in src/ropelens is in ropelens.atomic."""
+    """One scheme: every rename and temp name in src/ropelens is in ropelens.atomic (but the
+    NOT_WRITES, which write no result)."""
     others = [p for p in sorted(SRC.glob("*.py")) if p.name != "atomic.py"]
-    assert [hit for p in others for hit in _renames_or_temps(p)] == []
+    hits = [hit for p in others for hit in _renames_or_temps(p)]
+    allowed = {f"{m}:{c}" for m, c in NOT_WRITES}
+    assert [h for h in hits if re.sub(r":\d+ ", ":", h) not in allowed] == []
+    assert len(hits) == len(NOT_WRITES)  # each exception is still there (or goes from here)
 
 
 def test_the_checker_sees_a_hand_written_atomic_write(tmp_path):

@@ -714,6 +714,8 @@ def test_every_rule_writes_a_log_under_logs():
             rules[m.group(1)] = m.group(2)
     assert "html_report" in rules and "ppl" in rules
     for name, body in rules.items():
+        if "shell:" not in body and "run:" not in body:  # a target (rule zoo): runs nothing
+            continue
         log = re.search(r"^    log:\n\s+(?:\w+=)?\"([^\"]+)\"", body, re.M)
         assert log, f"rule {name} has no log"
         assert log.group(1).startswith("logs/"), f"rule {name} logs to {log.group(1)}"
