@@ -20,20 +20,11 @@ from packaging.requirements import Requirement
 
 from ropelens import provenance, report
 from ropelens.io import write_table
+from ropelens.provenance import LINUX_311
 
 from .conftest import REPO
 
 LOCK = REPO / "requirements" / "lock.txt"
-LINUX_311 = {
-    "python_version": "3.11",
-    "python_full_version": "3.11.0",
-    "sys_platform": "linux",
-    "platform_system": "Linux",
-    "platform_machine": "x86_64",
-    "os_name": "posix",
-    "implementation_name": "cpython",
-    "platform_python_implementation": "CPython",
-}
 EXTRAS = ("workflow", "dev", "slurm", "real")
 
 

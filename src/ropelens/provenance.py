@@ -51,6 +51,19 @@ def package_versions(names=PACKAGES) -> dict[str, str]:
     return out
 
 
+#: the platform envs/ropelens.yaml pins for (packaging's marker variables): Linux, CPython 3.11
+LINUX_311 = {
+    "python_version": "3.11",
+    "python_full_version": "3.11.0",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "os_name": "posix",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+}
+
+
 def locked_versions(lock: str | os.PathLike, environment: dict | None = None) -> dict[str, str]:
     """Package -> version pinned by a requirements lock (``requirements/lock.txt``: ``name==v``
     lines, with an environment marker where the pin holds only on some platforms or Pythons),
