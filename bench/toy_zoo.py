@@ -101,19 +101,12 @@ def logged_elapsed(log: Path) -> list[float]:
 
 def zoo_targets(cfg) -> list[tuple[str, str, str]]:
     """(label, role, directory) of every model the config trains."""
-    from ropelens import config
+    from ropelens import zoo
 
-    out = []
-    for model, entry in cfg["models"].items():
-        if "train" in entry:
-            out.append((f"{model} base", "pretrain", config.model_dir(cfg, model)))
-    for method, entry in cfg["methods"].items():
-        for model, ckpt in (entry.get("checkpoints") or {}).items():
-            if "train" in ckpt:
-                out.append(
-                    (f"{model} {method}", "continual", config.checkpoint_dir(cfg, model, method))
-                )
-    return out
+    return [
+        (zoo.shipped_path(d), "pretrain" if key.startswith("models.") else "continual", d)
+        for d, key in zoo.trained_dirs(cfg)
+    ]
 
 
 def load_base(cfg, workdir: Path, model: str):

@@ -277,7 +277,7 @@ def task_data_spec(wildcards):
 @cache
 def zoo_dirs():
     """The model directories the config's train blocks train (rule zoo, `make zoo`)."""
-    return [f"resources/zoo/{rel}" for rel, _ in rlzoo.trained_dirs(config)]
+    return [trained for trained, _ in rlzoo.trained_dirs(config)]
 
 
 def corpus_file(name):

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import tomllib
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name as canonical
 
 from ropelens.provenance import LINUX_311 as PLATFORM
-from ropelens.provenance import canonical_name as canonical
 from ropelens.provenance import locked_versions
 
 ROOT = Path(__file__).resolve().parents[1]

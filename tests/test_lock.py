@@ -17,6 +17,7 @@ import pyarrow as pa
 import pytest
 import tomllib
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from ropelens import provenance, report
 from ropelens.io import write_table
@@ -52,7 +53,7 @@ def test_lock_satisfies_pyproject_ranges():
     """Every requirement of `make setup` but torch is pinned, within pyproject's range."""
     pins = provenance.locked_versions(LOCK, LINUX_311)
     for req in pyproject_requirements():
-        name = provenance.canonical_name(req.name)
+        name = canonicalize_name(req.name)
         if name == "torch":
             assert req.specifier.contains(makefile_torch()), req
             continue
@@ -75,9 +76,7 @@ def test_make_setup_installs_the_lock():
 def test_this_environment_is_the_lock():
     """What `make setup` installed is the lock: a fresh clone runs with what CI passed with."""
     pins = provenance.locked_versions(LOCK)
-    installed = {
-        provenance.canonical_name(d.metadata["Name"]): d.version for d in metadata.distributions()
-    }
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
     wrong = {n: (v, installed.get(n)) for n, v in pins.items() if installed.get(n) != v}
     assert not wrong, f"installed versions differ from requirements/lock.txt: {wrong}; make setup"
 
@@ -93,7 +92,7 @@ def test_conda_env_pins_the_locked_versions():
     runtime = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     names = runtime["dependencies"] + runtime["optional-dependencies"]["real"]
     for req in map(Requirement, names):
-        name = provenance.canonical_name(req.name)
+        name = canonicalize_name(req.name)
         key = "pytorch" if name == "torch" else name
         assert key in conda, f"envs/ropelens.yaml lacks {key}: run make lock"
         want = makefile_torch() if name == "torch" else pins[name]

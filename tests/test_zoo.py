@@ -17,7 +17,7 @@ from .conftest import REPO, job_counts
 
 ZOO = REPO / "zoo"
 RECIPE = config.load_yaml(REPO / "configs" / "zoo.yaml")
-SHIPPED = zoo.trained_dirs(RECIPE)
+SHIPPED = [(zoo.shipped_path(trained), key) for trained, key in zoo.trained_dirs(RECIPE)]
 
 
 def summary(rel: str) -> dict:

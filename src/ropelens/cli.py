@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ropelens import __version__
 from ropelens.errors import RopelensError, is_out_of_memory
+from ropelens.grid import ZOO
 
 
 class JsonObject(dict):
@@ -555,7 +556,7 @@ def _setup_commands(sub) -> None:
         help="write a trained zoo in half precision with provenance (make zoo; docs/zoo.md)",
     )
     s.add_argument("--config", default="configs/zoo.yaml", help="the zoo's recipe")
-    s.add_argument("--source", default="resources/zoo", help="where the workflow trained it")
+    s.add_argument("--source", default=ZOO, help="where the workflow trained it")
     s.add_argument("--out", default="zoo", help="the shipped zoo's folder")
     s.set_defaults(func=cmd_ship_zoo)
 

@@ -8,6 +8,7 @@ import this module; it imports none of them, so the grid has no import cycle.
 
 from __future__ import annotations
 
+ZOO = "resources/zoo"  # where the workflow trains models (rules pretrain / continual)
 RESERVED_METHOD_KEYS = ("method", "checkpoints", "cpt_length", "apply", "models", "layer_types")
 
 # Grid-level keys of a cell section: which cells exist and how aggregates draw them, not how a cell
@@ -100,7 +101,7 @@ def model_dir(cfg: dict, model: str) -> str | None:
     if "tiny" in cfg["models"][model]:
         return f"resources/models/{model}"
     if "train" in cfg["models"][model]:
-        return f"resources/zoo/{model}/base"
+        return f"{ZOO}/{model}/base"
     if "gguf" in cfg["models"][model]:
         return f"resources/gguf/{model}"
     return None
@@ -110,7 +111,7 @@ def checkpoint_dir(cfg: dict, model: str, method: str) -> str | None:
     """Local directory of a checkpoint the workflow trains itself (continual pretraining)."""
     ckpt = (cfg["methods"][method].get("checkpoints") or {}).get(model)
     if ckpt is not None and "train" in ckpt:
-        return f"resources/zoo/{model}/cpt/{method}"
+        return f"{ZOO}/{model}/cpt/{method}"
     return None
 
 

@@ -71,30 +71,26 @@ def locked_versions(lock: str | os.PathLike, environment: dict | None = None) ->
     import re
 
     from packaging.markers import Marker
+    from packaging.utils import canonicalize_name
 
     pins = {}
     for line in Path(lock).read_text(encoding="utf-8").splitlines():
         m = re.match(r"([A-Za-z0-9._-]+)==([^ ;\\]+)\s*(?:;\s*([^\\]+?))?\s*\\?$", line)
         if m and (m[3] is None or Marker(m[3]).evaluate(environment)):
-            pins[canonical_name(m[1])] = m[2]
+            pins[canonicalize_name(m[1])] = m[2]
     return pins
-
-
-def canonical_name(name: str) -> str:
-    """PyPI's normalised project name (``vl_convert.python`` -> ``vl-convert-python``)."""
-    import re
-
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def lock_check(lock: str | os.PathLike | None, versions: dict[str, str], cells: dict) -> list:
     """(package, locked, this machine, cells, verdict) per package of ``versions`` (this
     machine's) and ``cells`` (package -> versions the cells recorded), against the lock."""
+    from packaging.utils import canonicalize_name
+
     pins = locked_versions(lock) if lock and Path(lock).is_file() else None
     rows = []
     for name in sorted(set(versions) | set(cells)):
         here, used = versions.get(name, "—"), sorted(cells.get(name, ()))
-        pin = (pins or {}).get(canonical_name(name))
+        pin = (pins or {}).get(canonicalize_name(name))
         seen = {here} | set(used) if here != "—" else set(used)
         if pins is None or pin is None:
             verdict = "not in the lock" if pins is not None else "no lock"

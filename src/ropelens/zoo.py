@@ -11,38 +11,37 @@ so a corrupted or changed file is one line naming it and the command that restor
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
+from ropelens import grid
 from ropelens.errors import ConfigError, RopelensError
+from ropelens.gguf import sha256
 
 PROVENANCE = "ropelens_train.json"
 WEIGHTS = "model.safetensors"
 RESTORE = "restore it with `git checkout -- zoo/` or retrain the zoo with `make zoo`"
 
 
-def sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def trained_dirs(cfg: dict) -> list[tuple[str, str]]:
-    """(model dir relative to a zoo root, what it is) of every train block of ``cfg``:
-    ``<model>/base`` and ``<model>/cpt/<label>``."""
+    """(directory the workflow trains it into, its train block's key) of every train block of
+    ``cfg``: ``grid.model_dir`` / ``grid.checkpoint_dir``, under :data:`ropelens.grid.ZOO`."""
     out = []
     for name, model in cfg["models"].items():
         if "train" in model:
-            out.append((f"{name}/base", f"models.{name}.train"))
+            out.append((grid.model_dir(cfg, name), f"models.{name}.train"))
     for label, entry in cfg["methods"].items():
         for name, ckpt in (entry.get("checkpoints") or {}).items():
             if "train" in ckpt:
-                out.append((f"{name}/cpt/{label}", f"methods.{label}.checkpoints.{name}.train"))
+                key = f"methods.{label}.checkpoints.{name}.train"
+                out.append((grid.checkpoint_dir(cfg, name, label), key))
     return out
+
+
+def shipped_path(trained: str) -> str:
+    """A trained directory's path inside a zoo root (``toy/cpt/pi-1k``): the layout both share."""
+    return Path(trained).relative_to(grid.ZOO).as_posix()
 
 
 def ship(src: str | os.PathLike, dst: str | os.PathLike) -> dict:
@@ -72,9 +71,9 @@ def ship(src: str | os.PathLike, dst: str | os.PathLike) -> dict:
 def ship_all(cfg: dict, src_root: str | os.PathLike, dst_root: str | os.PathLike) -> list:
     """:func:`ship` every model ``cfg`` trains from ``src_root`` to ``dst_root``."""
     shipped = []
-    for rel, _ in trained_dirs(cfg):
-        record = ship(Path(src_root) / rel, Path(dst_root) / rel)
-        shipped.append((rel, record))
+    for trained, _ in trained_dirs(cfg):
+        rel = shipped_path(trained)
+        shipped.append((rel, ship(Path(src_root) / rel, Path(dst_root) / rel)))
     return shipped
 
 
